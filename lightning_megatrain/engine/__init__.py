@@ -1,0 +1,7 @@
+"""The megatrain engine: host-resident parameters streamed through one device. No Lightning imports here."""
+
+from .layers import find_layers
+from .runtime import Runtime, RuntimeConfig
+from .stepper import WorkerError
+
+__all__ = ["Runtime", "RuntimeConfig", "WorkerError", "find_layers"]

@@ -1,0 +1,70 @@
+"""Page-aligned, exact-size host arenas, pinned with ``cudaHostRegister`` when a GPU is used.
+
+torch's caching pinned allocator has rounded requests up to a power of two (pytorch#95823), which
+can double the host memory of a large model. We allocate ordinary pageable memory of the exact
+size, align it to a page, and page-lock that range ourselves.
+"""
+
+from __future__ import annotations
+
+import mmap
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+PAGE = mmap.PAGESIZE
+
+
+def _align(nbytes: int, to: int = PAGE) -> int:
+    return (nbytes + to - 1) // to * to
+
+
+def _dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class HostArena:
+    """One host allocation holding several flat typed buffers, each starting on a page boundary."""
+
+    def __init__(self, layout: Sequence[tuple[int, torch.dtype]], pin: bool) -> None:
+        offsets, total = [], 0
+        for numel, dtype in layout:
+            offsets.append(total)
+            total += _align(numel * _dtype_size(dtype))
+        self.nbytes = total
+        raw = torch.empty(total + PAGE, dtype=torch.uint8)
+        start = (-raw.data_ptr()) % PAGE
+        self._raw: torch.Tensor | None = raw
+        base = raw[start : start + total]
+        self.buffers: list[torch.Tensor] = [
+            base[off : off + numel * _dtype_size(dtype)].view(dtype) for off, (numel, dtype) in zip(offsets, layout)
+        ]
+        self._registered_ptr: int | None = None
+        if pin and total > 0:
+            self._register(base)
+
+    def _register(self, base: torch.Tensor) -> None:
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(base.data_ptr(), base.numel(), 0)
+        if int(err) != 0:
+            warnings.warn(
+                f"cudaHostRegister of {base.numel()} bytes failed (cudaError {int(err)}); this layer's host "
+                "memory stays pageable and its transfers will be slower. Raise the locked-memory limit "
+                "(ulimit -l) or pass pin_memory=False to silence this.",
+                stacklevel=3,
+            )
+            return
+        self._registered_ptr = base.data_ptr()
+
+    @property
+    def pinned(self) -> bool:
+        return self._registered_ptr is not None
+
+    def release(self) -> None:
+        """Unpin and drop the memory; the caller must not hold views into it any more."""
+        if self._registered_ptr is not None:
+            torch.cuda.cudart().cudaHostUnregister(self._registered_ptr)
+            self._registered_ptr = None
+        self.buffers = []
+        self._raw = None

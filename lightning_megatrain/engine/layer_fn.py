@@ -1,0 +1,121 @@
+"""One autograd node per streamed layer.
+
+Forward runs the layer without a graph and saves only its inputs. Backward re-binds the layer's
+weights, recomputes it with the RNG and autocast state the forward had, takes local gradients to
+the inputs and weights, and hands the weight gradients to the runtime, which sends them to the host.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+    from .units import Unit
+
+# Key-value caches would be appended to a second time by the recompute; training does not use them.
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
+
+
+def strip_caches(kwargs: dict[str, Any]) -> dict[str, Any]:
+    out = dict(kwargs)
+    for key in _CACHE_KWARGS:
+        if out.get(key) is not None:
+            out[key] = None
+    if out.get("use_cache"):
+        out["use_cache"] = False
+    return out
+
+
+class LayerCall:
+    """Everything one call of a layer needs to be replayed in backward."""
+
+    def __init__(self, runtime: Runtime, unit: Unit, fn: Any, args: tuple, kwargs: dict) -> None:
+        self.runtime = runtime
+        self.unit = unit
+        self.fn = fn
+        flat, self.in_spec = tree_flatten((args, kwargs))
+        self.in_leaves = flat
+        self.tensor_pos = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
+        self.out_spec: Any = None
+        self.out_leaves: list[Any] = []
+        self.out_pos: list[int] = []
+        device = runtime.device
+        self.device_type = device.type
+        self.cpu_rng = torch.get_rng_state()
+        self.dev_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.autocast = (
+            torch.is_autocast_enabled(device.type),
+            torch.get_autocast_dtype(device.type),
+            torch.is_autocast_cache_enabled(),
+        )
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.in_leaves[i] for i in self.tensor_pos]
+
+    def call(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> Any:
+        flat = list(self.in_leaves)
+        for i, t in zip(self.tensor_pos, tensors):
+            flat[i] = t
+        args, kwargs = tree_unflatten(flat, self.in_spec)
+        return self.fn(*args, **kwargs)
+
+    def split_output(self, out: Any) -> list[torch.Tensor]:
+        flat, self.out_spec = tree_flatten(out)
+        self.out_leaves = flat
+        self.out_pos = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
+        return [flat[i] for i in self.out_pos]
+
+    def join_output(self, tensors: tuple[torch.Tensor, ...]) -> Any:
+        flat = list(self.out_leaves)
+        for i, t in zip(self.out_pos, tensors):
+            flat[i] = t
+        self.out_leaves = []  # do not keep the forward's outputs alive
+        return tree_unflatten(flat, self.out_spec)
+
+    def replay_context(self) -> Any:
+        """RNG and autocast as they were in forward; the caller's RNG is restored afterwards."""
+        runtime = self.runtime
+        devices = [runtime.device] if self.dev_rng is not None else []
+        enabled, dtype, cache = self.autocast
+
+        class _Ctx:
+            def __enter__(ctx_self) -> None:
+                ctx_self.fork = torch.random.fork_rng(devices=devices, enabled=True)
+                ctx_self.fork.__enter__()
+                torch.set_rng_state(self.cpu_rng)
+                if self.dev_rng is not None:
+                    torch.cuda.set_rng_state(self.dev_rng, runtime.device)
+                ctx_self.amp = torch.autocast(self.device_type, dtype=dtype, enabled=enabled, cache_enabled=cache)
+                ctx_self.amp.__enter__()
+
+            def __exit__(ctx_self, *exc: Any) -> None:
+                ctx_self.amp.__exit__(*exc)
+                ctx_self.fork.__exit__(*exc)
+
+        return _Ctx()
+
+
+class LayerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, call: LayerCall, anchor: torch.Tensor, *tensors: torch.Tensor) -> Any:  # type: ignore[override]
+        ctx.call = call
+        out = call.runtime.run_forward(call, tensors)
+        outs = call.split_output(out)
+        ctx.save_for_backward(*tensors)
+        ctx.mark_non_differentiable(*[o for o in outs if not (o.is_floating_point() or o.is_complex())])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> Any:  # type: ignore[override]
+        call: LayerCall = ctx.call
+        inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        detached = [t.detach().requires_grad_(n) if n else t.detach() for t, n in zip(inputs, needs)]
+        grads = call.runtime.run_backward(call, detached, [t for t, n in zip(detached, needs) if n], grad_outputs)
+        it = iter(grads)
+        ctx.call = None
+        return (None, None, *[next(it) if n else None for n in needs])

@@ -1,0 +1,384 @@
+"""The one object the Lightning glue talks to: attach to a module, bind, stream, step, wait, detach."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .layer_fn import LayerCall, LayerFunction, strip_caches
+from .layers import LayerClasses, find_layers
+from .stepper import Worker, enable_fused, snapshot_groups, split_params, step_unit
+from .stream import ChannelPool, GradChannel, SlotPool, Streams
+from .units import Unit, collect_entries
+
+
+@dataclass
+class RuntimeConfig:
+    """Engine options; see :class:`lightning_megatrain.MegaTrainStrategy` for their meaning."""
+
+    layer_cls: LayerClasses | None = None
+    prefetch: int = 1
+    pin_memory: bool = True
+    fused_optimizer: bool = True
+
+
+class Runtime:
+    """Host-resident training state of one module and the machinery that streams it through a device."""
+
+    def __init__(self, module: nn.Module, device: torch.device, compute_dtype: torch.dtype, config: RuntimeConfig) -> None:
+        if config.prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1 (layers copied ahead of the one computing), got {config.prefetch}")
+        self.module = module
+        self.device = torch.device(device)
+        self.config = config
+        self.compute_dtype = compute_dtype
+        self.layers = find_layers(module, config.layer_cls)
+        self._check_sharing()
+        pin = config.pin_memory and self.device.type == "cuda"
+        self.streams = Streams(self.device)
+        self.worker = Worker()
+        self.units: list[Unit] = []
+        self._forwards: list[tuple[nn.Module, Any]] = []
+        try:
+            layer_ids = {id(p) for layer in self.layers for p in layer.parameters()}
+            outer = collect_entries([("", module)], exclude=layer_ids)
+            self.outer = Unit("outer", 0, outer, torch.float32, pin=pin, staging=True)
+            self.units.append(self.outer)
+            for i, layer in enumerate(self.layers):
+                entries = collect_entries([("", layer)], exclude=set())
+                self.units.append(Unit(f"layer{i}", i + 1, entries, compute_dtype, pin=pin, staging=False))
+            self.layer_units = self.units[1:]
+            self._owner = {id(e.param): u.index for u in self.units for e in u.entries}
+            self._move_buffers()
+            self._make_device_buffers(pin)
+            for layer, unit in zip(self.layers, self.layer_units):
+                self._wrap(layer, unit)
+        except BaseException:
+            self.detach()
+            raise
+        self._leaves: list[tuple[list[torch.Tensor], ...]] = []
+        self._bound = 0
+        self._anchor = torch.empty(0, device=self.device, requires_grad=True)
+        self._patched: list[tuple[Optimizer, dict[str, Any]]] = []
+
+    # ----------------------------------------------------------------- setup
+    def _check_sharing(self) -> None:
+        seen: dict[int, int] = {}
+        for i, layer in enumerate(self.layers):
+            for p in layer.parameters():
+                if id(p) in seen and seen[id(p)] != i:
+                    raise ValueError(
+                        f"a parameter is shared by streamed layers {seen[id(p)]} and {i}; megatrain streams each "
+                        "layer's own weights. Pass layer_cls naming modules that do not share parameters."
+                    )
+                seen[id(p)] = i
+        layer_params = set(seen)
+        outside = self._params_outside_layers()
+        shared = layer_params & outside
+        if shared:
+            raise ValueError(
+                "a parameter of a streamed layer is also used outside the layer stack (tied weight); megatrain "
+                "cannot stream it. Pass layer_cls naming modules that hold no tied weight."
+            )
+
+    def _params_outside_layers(self) -> set[int]:
+        layer_ids = {id(m) for layer in self.layers for m in layer.modules()}
+        out: set[int] = set()
+        for m in self.module.modules():
+            if id(m) in layer_ids:
+                continue
+            out.update(id(p) for p in m._parameters.values() if p is not None)
+        return out
+
+    def _move_buffers(self) -> None:
+        for m in self.module.modules():
+            for name, b in m._buffers.items():
+                if b is not None and b.device != self.device:
+                    m._buffers[name] = b.to(self.device)
+
+    def _make_device_buffers(self, pin: bool) -> None:
+        numel = max((u.numel for u in self.layer_units), default=0)
+        gnumel = max((u.gnumel for u in self.layer_units), default=0)
+        n_slots = self.config.prefetch + 1
+        self.slots = SlotPool(n_slots if numel else 0, numel, self.compute_dtype, self.streams)
+        channels = []
+        if gnumel:
+            from .host import HostArena
+
+            self._channel_arena = HostArena([(gnumel, self.compute_dtype)] * n_slots, pin=pin)
+            for host in self._channel_arena.buffers:
+                dev = torch.empty(gnumel, dtype=self.compute_dtype, device=self.device)
+                channels.append(GradChannel(dev, host, self.streams))
+        self.channels = ChannelPool(channels)
+
+    def _wrap(self, layer: nn.Module, unit: Unit) -> None:
+        if getattr(layer, "gradient_checkpointing", False):
+            warnings.warn(
+                f"{type(layer).__name__} has gradient checkpointing on; megatrain already recomputes every "
+                "streamed layer in backward, so it is turned off for these layers to avoid a second recompute.",
+                stacklevel=2,
+            )
+            layer.gradient_checkpointing = False
+        previous = layer.__dict__.get("forward")
+        fn = layer.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self._run_layer(unit, fn, args, kwargs)
+
+        layer.forward = forward
+        self._forwards.append((layer, previous))
+
+    # ----------------------------------------------------------------- optimizer
+    def attach_optimizer(self, optimizer: Optimizer) -> None:
+        """Make the optimizer's readers wait for the pending step, and pick fused kernels."""
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError("megatrain steps the optimizer layer by layer; LBFGS re-evaluates the closure and is not supported.")
+        if self.config.fused_optimizer:
+            enable_fused(optimizer)
+        saved: dict[str, Any] = {}
+        for name in ("zero_grad", "state_dict", "load_state_dict", "add_param_group"):
+            saved[name] = optimizer.__dict__.get(name)
+            method = getattr(type(optimizer), name)
+
+            def waiting(*args: Any, __m: Any = method, __o: Optimizer = optimizer, **kwargs: Any) -> Any:
+                self.wait()
+                return __m(__o, *args, **kwargs)
+
+            setattr(optimizer, name, waiting)
+        self._patched.append((optimizer, saved))
+
+    def refresh_fused(self, optimizer: Optimizer) -> None:
+        if self.config.fused_optimizer:
+            enable_fused(optimizer)
+
+    def step(self, optimizer: Optimizer, **kwargs: Any) -> None:
+        """Launch the user's optimizer on the host, unit by unit in forward order, and return at once."""
+        hparams = snapshot_groups(optimizer)
+        per_unit = split_params(optimizer, self._owner, len(self.units))
+        self.slots.invalidate()
+        pending = self.streams.record_all()
+        if pending:
+            self.worker.submit(lambda: [e.synchronize() for e in pending])
+        for unit, params in zip(self.units, per_unit):
+
+            def task(unit: Unit = unit, params: Any = params) -> None:
+                step_unit(optimizer, hparams, params, kwargs)
+                unit.refresh_compute()
+
+            unit.ticket = self.worker.submit(task)
+        optimizer._opt_called = True  # type: ignore[attr-defined]  # LR schedulers check that step ran
+
+    def wait(self) -> None:
+        """Block until all host work (gradients, optimizer step) is done."""
+        self.worker.wait()
+
+    # ----------------------------------------------------------------- binding
+    @contextlib.contextmanager
+    def bound(self) -> Iterator[None]:
+        """Bind the non-layer parameters on the device for one step (re-entrant)."""
+        if self._bound:
+            self._bound += 1
+            try:
+                yield
+            finally:
+                self._bound -= 1
+            return
+        self._leaves = []
+        self.slots.invalidate()
+        self.rebind()
+        self._bound = 1
+        try:
+            yield
+        finally:
+            self._bound = 0
+            self.outer.unbind()
+
+    def rebind(self) -> None:
+        """Fresh device copies of the non-layer parameters, e.g. after an optimizer step inside a step."""
+        outer = self.outer
+        self.worker.wait(outer.ticket)
+        self._check_trainable(outer)
+        if not outer.entries:
+            return
+        dev = torch.empty(outer.numel, dtype=torch.float32, device=self.device)
+        self.streams.copy(self.streams.compute(), dev, outer.master)
+        leaves = [nn.Parameter(outer.param_view(dev, e), requires_grad=e.goffset is not None) for e in outer.entries]
+        outer.bind(leaves)
+        self._leaves.append(leaves)
+
+    def after_backward(self) -> None:
+        """Send the non-layer gradients home and wait until every gradient of this backward is on the host."""
+        outer = self.outer
+        for leaves in self._leaves:
+            trainable = [(e, leaf) for e, leaf in zip(outer.entries, leaves) if e.goffset is not None]
+            produced = [leaf.grad is not None for _, leaf in trainable]
+            if not any(produced):
+                continue
+            packed = torch.zeros(outer.gnumel, dtype=torch.float32, device=self.device)
+            for (e, leaf), ok in zip(trainable, produced):
+                if ok:
+                    packed[e.goffset : e.goffset + e.numel].copy_(leaf.grad.reshape(-1))
+                    leaf.grad = None
+            self._send(outer, packed, outer.staging, produced, release=None)
+        self.worker.wait()
+
+    def _send(self, unit: Unit, dev: torch.Tensor, host: torch.Tensor, produced: list[bool], release: GradChannel | None) -> None:
+        streams = self.streams
+        compute = streams.compute()
+        if release is not None:
+            release.packed.record(compute)
+            streams.wait(streams.d2h, release.packed)
+            stream, done = streams.d2h, release.done
+        else:
+            stream, done = compute, streams.event()
+        streams.copy(stream, host[: dev.numel()], dev)
+        done.record(stream)
+
+        def task(dev: torch.Tensor = dev) -> None:  # holds the device buffer until its copy is done
+            done.synchronize()
+            unit.accumulate(host[: unit.gnumel], produced)
+            if release is not None:
+                self.channels.put(release)
+
+        self.worker.submit(task)
+
+    def _check_trainable(self, unit: Unit) -> None:
+        for e in unit.entries:
+            if e.param.requires_grad != (e.goffset is not None):
+                raise RuntimeError(
+                    f"parameter {e.name!r} changed requires_grad after megatrain set up its host memory. Freeze or "
+                    "unfreeze parameters before trainer.fit (e.g. in configure_model or __init__)."
+                )
+
+    # ----------------------------------------------------------------- layers
+    def _acquire(self, unit: Unit, direction: int) -> Any:
+        """Make ``unit`` resident and start copying the next ones in ``direction``."""
+        slot = self._load(unit, keep=())
+        kept = [slot]
+        idx = unit.index - 1
+        for k in range(1, self.config.prefetch + 1):
+            j = idx + direction * k
+            if not 0 <= j < len(self.layer_units) or len(kept) >= len(self.slots.slots):
+                break
+            kept.append(self._load(self.layer_units[j], keep=tuple(kept)))
+        return slot
+
+    def _load(self, unit: Unit, keep: tuple) -> Any:
+        if self.slots.find(unit) is None:
+            self.worker.wait(unit.ticket)
+            unit.refresh_compute()
+        return self.slots.load(unit, unit.compute, keep=keep)
+
+    def _views(self, unit: Unit, slot: Any, grad: bool) -> list[torch.Tensor]:
+        views = [unit.param_view(slot.buf, e) for e in unit.entries]
+        if grad:
+            views = [v.detach().requires_grad_(e.goffset is not None) for v, e in zip(views, unit.entries)]
+        return views
+
+    def _run_layer(self, unit: Unit, fn: Any, args: tuple, kwargs: dict) -> Any:
+        if torch.is_grad_enabled():
+            call = LayerCall(self, unit, fn, args, strip_caches(kwargs))
+            tensors = call.tensors()
+            if unit.trainable or any(t.requires_grad for t in tensors):
+                outs = LayerFunction.apply(call, self._anchor, *tensors)
+                return call.join_output(outs)
+        slot = self._acquire(unit, +1)
+        self.slots.begin_use(slot)
+        try:
+            unit.bind(self._views(unit, slot, grad=False))
+            return fn(*args, **kwargs)
+        finally:
+            unit.unbind()
+            self.slots.end_use(slot)
+
+    def run_forward(self, call: LayerCall, tensors: Sequence[torch.Tensor]) -> Any:
+        unit = call.unit
+        slot = self._acquire(unit, +1)
+        self.slots.begin_use(slot)
+        try:
+            unit.bind(self._views(unit, slot, grad=False))
+            return call.call(tensors)
+        finally:
+            unit.unbind()
+            self.slots.end_use(slot)
+
+    def run_backward(
+        self, call: LayerCall, inputs: list[torch.Tensor], wrt: list[torch.Tensor], grad_outputs: Sequence[torch.Tensor | None]
+    ) -> list[torch.Tensor | None]:
+        unit = call.unit
+        slot = self._acquire(unit, -1)
+        self.slots.begin_use(slot)
+        try:
+            weights = self._views(unit, slot, grad=True)
+            unit.bind(weights)
+            with torch.enable_grad(), call.replay_context():
+                outs = call.split_output(call.call(inputs))
+            call.out_leaves = []
+            pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+            trainable = [w for w, e in zip(weights, unit.entries) if e.goffset is not None]
+            targets = list(wrt) + trainable
+            if pairs and targets:
+                grads = torch.autograd.grad([o for o, _ in pairs], targets, [g for _, g in pairs], allow_unused=True)
+            else:
+                grads = (None,) * len(targets)
+        finally:
+            unit.unbind()
+        input_grads = list(grads[: len(wrt)])
+        weight_grads = grads[len(wrt) :]
+        if unit.trainable:
+            channel = self.channels.get()
+            produced = []
+            with torch.no_grad():
+                for e, g in zip((e for e in unit.entries if e.goffset is not None), weight_grads):
+                    dst = channel.dev[e.goffset : e.goffset + e.numel]
+                    if g is None:
+                        dst.zero_()
+                        produced.append(False)
+                    else:
+                        dst.copy_(g.reshape(-1))
+                        produced.append(True)
+            self._send(unit, channel.dev[: unit.gnumel], channel.host, produced, release=channel)
+        self.slots.end_use(slot)
+        return input_grads
+
+    # ----------------------------------------------------------------- teardown
+    def detach(self) -> None:
+        """Restore the module and optimizers as plain host objects and free pinned memory, streams and threads."""
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            try:
+                worker.wait()
+            except Exception:  # noqa: BLE001 - teardown after a failure must still free everything
+                pass
+            worker.close()
+        for optimizer, saved in getattr(self, "_patched", []):
+            for name, prev in saved.items():
+                if prev is None:
+                    optimizer.__dict__.pop(name, None)
+                else:
+                    optimizer.__dict__[name] = prev
+        self._patched = []
+        for layer, previous in getattr(self, "_forwards", []):
+            if previous is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = previous
+        self._forwards = []
+        for unit in getattr(self, "units", []):
+            unit.unbind()
+            unit.detach()
+        self.units = []
+        arena = getattr(self, "_channel_arena", None)
+        if arena is not None:
+            arena.release()
+            self._channel_arena = None
+        self.slots = None  # type: ignore[assignment]
+        self.channels = None  # type: ignore[assignment]

@@ -1,0 +1,137 @@
+"""The host worker: gradient accumulation and the layer-by-layer optimizer step, in FIFO order.
+
+One thread runs every piece of host work that touches gradients or masters, so their order is the
+order they were submitted in: a layer's gradients of step k+1 are never added before its update of
+step k is done. The main thread waits on a ticket, i.e. only for the work it needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+
+class WorkerError(RuntimeError):
+    """Raised in the training process when a task on the megatrain host worker failed."""
+
+
+class Worker:
+    def __init__(self, name: str = "megatrain-host") -> None:
+        self._tasks: deque[Callable[[], None]] = deque()
+        self._cond = threading.Condition()
+        self._submitted = 0
+        self._done = 0
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], None]) -> int:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the megatrain host worker is closed")
+            self._tasks.append(fn)
+            self._submitted += 1
+            self._cond.notify_all()
+            return self._submitted
+
+    def wait(self, ticket: int | None = None) -> None:
+        """Block until task ``ticket`` (default: every task submitted) is done; re-raise a task's failure."""
+        with self._cond:
+            target = self._submitted if ticket is None else ticket
+            while self._done < target:
+                self._cond.wait()
+            if self._error is not None:
+                err, self._error = self._error, None
+                raise WorkerError(f"a megatrain host task failed: {err!r}") from err
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        """Finish queued work and stop the thread; swallow a failure nobody waited for."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        self._error = None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._tasks and not self._closed:
+                    self._cond.wait()
+                if not self._tasks:
+                    return
+                fn = self._tasks.popleft()
+                failed = self._error is not None
+            if not failed:  # after a failure, later tasks are skipped: their inputs may be wrong
+                try:
+                    fn()
+                except BaseException as err:  # noqa: BLE001 - re-raised in the waiting thread
+                    with self._cond:
+                        self._error = err
+            with self._cond:
+                self._done += 1
+                self._cond.notify_all()
+
+
+_FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def enable_fused(optimizer: Optimizer) -> bool:
+    """Use torch's fused CPU kernel where the user left the implementation choice to torch.
+
+    Fused CPU AdamW is ~10x faster than the per-tensor loop and computes the same update.
+    """
+    if type(optimizer) not in _FUSED:
+        return False
+    changed = False
+    for group in optimizer.param_groups:
+        if group.get("fused") is None and not group.get("foreach") and not group.get("differentiable"):
+            if all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in group["params"]):
+                group["fused"] = True
+                changed = True
+    return changed
+
+
+def shadow_optimizer(optimizer: Optimizer, groups: list[dict[str, Any]]) -> Optimizer:
+    """A second handle on ``optimizer`` sharing its state but stepping only ``groups``.
+
+    The user's optimizer object keeps its own ``param_groups``, so an LR scheduler that changes them
+    while a step is in flight changes nothing in it.
+    """
+    shadow = object.__new__(type(optimizer))
+    shadow.__dict__.update(optimizer.__dict__)
+    shadow.param_groups = groups
+    return shadow
+
+
+def snapshot_groups(optimizer: Optimizer) -> list[dict[str, Any]]:
+    """Hyperparameters of each group as they are now (tensors cloned), without ``params``."""
+    out = []
+    for group in optimizer.param_groups:
+        out.append({k: (v.clone() if isinstance(v, torch.Tensor) else copy.copy(v)) for k, v in group.items() if k != "params"})
+    return out
+
+
+def split_params(optimizer: Optimizer, owner: dict[int, int], n_units: int) -> list[list[list[torch.Tensor]]]:
+    """For each unit, each group's params that the unit owns (params the engine does not know go to unit 0)."""
+    per_unit: list[list[list[torch.Tensor]]] = [[[] for _ in optimizer.param_groups] for _ in range(n_units)]
+    for gi, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            per_unit[owner.get(id(p), 0)][gi].append(p)
+    return per_unit
+
+
+def step_unit(optimizer: Optimizer, hparams: list[dict[str, Any]], params: Iterable[list[torch.Tensor]], kwargs: dict) -> None:
+    groups = [{**hp, "params": ps} for hp, ps in zip(hparams, params) if ps]
+    if groups:
+        type(optimizer).step(shadow_optimizer(optimizer, groups), **kwargs)

@@ -1,0 +1,141 @@
+"""GPU slots, streams and events; on the CPU the same bookkeeping runs with synchronous copies.
+
+A slot is a device buffer that holds one layer's compute-dtype weights. ``ready`` is recorded on the
+H2D stream after the copy into it; ``free`` on the compute stream after the last kernel reading it.
+A copy into a slot waits (on the GPU) for ``free``; a kernel reading it waits for ``ready``. No
+host-device synchronisation happens here.
+"""
+
+from __future__ import annotations
+
+import queue
+from typing import Any
+
+import torch
+
+
+class _NoEvent:
+    """Stand-in for ``torch.cuda.Event`` on the CPU, where every copy is already complete."""
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class Streams:
+    """The H2D and D2H streams of one device, created once; compute runs on the caller's current stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.h2d = torch.cuda.Stream(device) if self.cuda else None
+        self.d2h = torch.cuda.Stream(device) if self.cuda else None
+
+    def event(self) -> Any:
+        return torch.cuda.Event() if self.cuda else _NoEvent()
+
+    def compute(self) -> Any:
+        return torch.cuda.current_stream(self.device) if self.cuda else None
+
+    def wait(self, stream: Any, event: Any) -> None:
+        if self.cuda:
+            stream.wait_event(event)
+
+    def copy(self, stream: Any, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Enqueue ``dst.copy_(src)`` on ``stream`` (on the CPU: copy now)."""
+        if self.cuda:
+            with torch.cuda.stream(stream):
+                dst.copy_(src, non_blocking=True)
+        else:
+            dst.copy_(src)
+
+    def record_all(self) -> list[Any]:
+        """Events after everything enqueued so far on the H2D and compute streams."""
+        if not self.cuda:
+            return []
+        events = [torch.cuda.Event(), torch.cuda.Event()]
+        events[0].record(self.h2d)
+        events[1].record(self.compute())
+        return events
+
+
+class Slot:
+    def __init__(self, buf: torch.Tensor, streams: Streams) -> None:
+        self.buf = buf
+        self.unit: Any = None
+        self.ready = streams.event()
+        self.free = streams.event()
+        self.last_use = 0
+
+
+class SlotPool:
+    """``n`` device buffers reused round the layers; a layer already resident is not copied again."""
+
+    def __init__(self, n: int, numel: int, dtype: torch.dtype, streams: Streams) -> None:
+        self.streams = streams
+        self.slots = [Slot(torch.empty(numel, dtype=dtype, device=streams.device), streams) for _ in range(n)]
+        self._clock = 0
+        self.loads = 0  # H2D copies issued, for tests and telemetry
+        self.bytes_h2d = 0
+
+    def invalidate(self) -> None:
+        """Forget residency, e.g. after the host masters changed."""
+        for slot in self.slots:
+            slot.unit = None
+
+    def find(self, unit: Any) -> Slot | None:
+        for slot in self.slots:
+            if slot.unit is unit:
+                return slot
+        return None
+
+    def load(self, unit: Any, src: torch.Tensor, keep: tuple[Slot, ...] = ()) -> Slot:
+        """Make ``unit`` resident (copying ``src`` if it is not) without evicting the slots in ``keep``."""
+        slot = self.find(unit)
+        if slot is None:
+            candidates = [s for s in self.slots if s not in keep]
+            slot = min(candidates, key=lambda s: s.last_use)
+            slot.unit = None
+            h2d = self.streams.h2d
+            self.streams.wait(h2d, slot.free)
+            self.streams.copy(h2d, slot.buf[: src.numel()], src)
+            slot.ready.record(h2d)
+            slot.unit = unit
+            self.loads += 1
+            self.bytes_h2d += src.numel() * src.element_size()
+        self._clock += 1
+        slot.last_use = self._clock
+        return slot
+
+    def begin_use(self, slot: Slot) -> None:
+        self.streams.wait(self.streams.compute(), slot.ready)
+
+    def end_use(self, slot: Slot) -> None:
+        slot.free.record(self.streams.compute())
+
+
+class GradChannel:
+    """A device buffer to pack one layer's gradients into and the pinned host buffer it is copied to."""
+
+    def __init__(self, dev: torch.Tensor, host: torch.Tensor, streams: Streams) -> None:
+        self.dev = dev
+        self.host = host
+        self.packed = streams.event()
+        self.done = streams.event()
+
+
+class ChannelPool:
+    """Channels go back to the pool only after the host has consumed them, so reuse needs no GPU wait."""
+
+    def __init__(self, channels: list[GradChannel]) -> None:
+        self._free: queue.Queue[GradChannel] = queue.Queue()
+        for ch in channels:
+            self._free.put(ch)
+
+    def get(self) -> GradChannel:
+        return self._free.get()
+
+    def put(self, ch: GradChannel) -> None:
+        self._free.put(ch)
