@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -28,12 +28,20 @@ class RuntimeConfig:
     prefetch: int = 1
     pin_memory: bool = True
     fused_optimizer: bool = True
+    grads: bool = True  # False for validate/test/predict: no gradient memory at all
 
 
 class Runtime:
     """Host-resident training state of one module and the machinery that streams it through a device."""
 
-    def __init__(self, module: nn.Module, device: torch.device, compute_dtype: torch.dtype, config: RuntimeConfig) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        device: torch.device,
+        compute_dtype: torch.dtype,
+        config: RuntimeConfig,
+        before_alloc: Callable[[list[nn.Module]], None] | None = None,
+    ) -> None:
         if config.prefetch < 1:
             raise ValueError(f"prefetch must be >= 1 (layers copied ahead of the one computing), got {config.prefetch}")
         self.module = module
@@ -42,6 +50,8 @@ class Runtime:
         self.compute_dtype = compute_dtype
         self.layers = find_layers(module, config.layer_cls)
         self._check_sharing()
+        if before_alloc is not None:
+            before_alloc(self.layers)
         pin = config.pin_memory and self.device.type == "cuda"
         self.streams = Streams(self.device)
         self.worker = Worker()
@@ -49,11 +59,11 @@ class Runtime:
         self._forwards: list[tuple[nn.Module, Any]] = []
         try:
             layer_ids = {id(p) for layer in self.layers for p in layer.parameters()}
-            outer = collect_entries([("", module)], exclude=layer_ids)
+            outer = collect_entries([("", module)], exclude=layer_ids, grads=config.grads)
             self.outer = Unit("outer", 0, outer, torch.float32, pin=pin, staging=True)
             self.units.append(self.outer)
             for i, layer in enumerate(self.layers):
-                entries = collect_entries([("", layer)], exclude=set())
+                entries = collect_entries([("", layer)], exclude=set(), grads=config.grads)
                 self.units.append(Unit(f"layer{i}", i + 1, entries, compute_dtype, pin=pin, staging=False))
             self.layer_units = self.units[1:]
             self._owner = {id(e.param): u.index for u in self.units for e in u.entries}
@@ -201,6 +211,11 @@ class Runtime:
             self._bound = 0
             self.outer.unbind()
 
+    @property
+    def in_step(self) -> bool:
+        """Whether the non-layer parameters are bound (inside a training/validation/... step)."""
+        return self._bound > 0
+
     def rebind(self) -> None:
         """Fresh device copies of the non-layer parameters, e.g. after an optimizer step inside a step."""
         outer = self.outer
@@ -251,6 +266,8 @@ class Runtime:
         self.worker.submit(task)
 
     def _check_trainable(self, unit: Unit) -> None:
+        if not self.config.grads:
+            return
         for e in unit.entries:
             if e.param.requires_grad != (e.goffset is not None):
                 raise RuntimeError(

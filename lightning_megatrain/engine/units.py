@@ -29,7 +29,7 @@ class Entry:
     name: str = ""
 
 
-def collect_entries(modules: list[tuple[str, nn.Module]], exclude: set[int]) -> list[Entry]:
+def collect_entries(modules: list[tuple[str, nn.Module]], exclude: set[int], grads: bool = True) -> list[Entry]:
     """Parameters reachable from ``modules``, each once, in registration order; skip ids in ``exclude``."""
     entries: dict[int, Entry] = {}
     for prefix, root in modules:
@@ -46,7 +46,7 @@ def collect_entries(modules: list[tuple[str, nn.Module]], exclude: set[int]) -> 
     for e in entries.values():
         e.offset = offset
         offset += e.numel
-        if e.param.requires_grad:
+        if e.param.requires_grad and grads:
             e.goffset = goffset
             goffset += e.numel
     return list(entries.values())

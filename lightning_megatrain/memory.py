@@ -1,0 +1,154 @@
+"""The memory plan: what megatrain will allocate, computed before it allocates anything."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+GiB = 1024**3
+
+
+class MemoryPlanError(MemoryError):
+    """The plan does not fit this machine; raised before anything is allocated."""
+
+
+def optimizer_state_bytes(optimizer: Optimizer | None) -> int:
+    """Bytes of optimizer state per trainable fp32 parameter (a conservative guess for unknown optimizers)."""
+    if optimizer is None:
+        return 0
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        amsgrad = any(g.get("amsgrad") for g in optimizer.param_groups)
+        return 12 if amsgrad else 8
+    if isinstance(optimizer, torch.optim.SGD):
+        return 4 if any(g.get("momentum") for g in optimizer.param_groups) else 0
+    return 8
+
+
+def _fmt(n: int) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes megatrain needs on the host and the device, and what this machine has."""
+
+    n_layers: int
+    params: int
+    trainable: int
+    host: dict[str, int] = field(default_factory=dict)
+    device: dict[str, int] = field(default_factory=dict)
+    host_in_use: int = 0  # bytes the parameters occupy already (moved, not copied)
+    host_available: int = 0
+    device_free: int | None = None
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host.values())
+
+    @property
+    def host_needed(self) -> int:
+        """New host bytes: the total less what the parameters hold now."""
+        return max(0, self.host_total - self.host_in_use)
+
+    @property
+    def device_total(self) -> int:
+        return sum(self.device.values())
+
+    def fits(self) -> bool:
+        return self.host_needed <= self.host_available and (self.device_free is None or self.device_total <= self.device_free)
+
+    def check(self) -> None:
+        if self.host_needed > self.host_available:
+            raise MemoryPlanError(
+                f"megatrain needs {self.host_needed} bytes ({_fmt(self.host_needed)}) more host memory "
+                f"({self.host_total} bytes in all, {self.host_in_use} already held by the parameters) but "
+                f"{self.host_available} bytes ({_fmt(self.host_available)}) are available.\n{self}\nUse a machine with more RAM, a "
+                "smaller model, or an optimizer with less state; check_memory=False skips this check."
+            )
+        if self.device_free is not None and self.device_total > self.device_free:
+            raise MemoryPlanError(
+                f"megatrain needs {self.device_total} bytes ({self.device_total / GiB:.2f} GiB) of device memory "
+                f"for slots and buffers but {self.device_free} bytes are free.\n{self}\nLower prefetch."
+            )
+
+    def __str__(self) -> str:
+        rows = [f"megatrain memory plan: {self.params:,} parameters ({self.trainable:,} trainable), {self.n_layers} streamed layers"]
+        rows.append("  host (pinned when a GPU is used):")
+        rows += [f"    {k:<28}{_fmt(v):>12}" for k, v in self.host.items()]
+        rows.append(
+            f"    {'total':<28}{_fmt(self.host_total):>12}  (available now: {_fmt(self.host_available)} "
+            f"+ {_fmt(self.host_in_use)} held by the parameters)"
+        )
+        rows.append("  device (before activations: saved layer inputs and one layer's working set):")
+        rows += [f"    {k:<28}{_fmt(v):>12}" for k, v in self.device.items()]
+        free = "not checked (CPU)" if self.device_free is None else _fmt(self.device_free)
+        rows.append(f"    {'total':<28}{_fmt(self.device_total):>12}  (free now: {free})")
+        rows.append(f"  fits: {'yes' if self.fits() else 'NO'}")
+        return "\n".join(rows)
+
+
+def plan_memory(
+    module: nn.Module,
+    layers: Sequence[nn.Module],
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    prefetch: int = 1,
+    optimizers: Iterable[Optimizer] = (),
+    grads: bool = True,
+) -> MemoryPlan:
+    """The plan for streaming ``layers`` of ``module``; a public function so users can call it before a long load."""
+    layer_numels, layer_trainable = [], []
+    layer_ids: set[int] = set()
+    for layer in layers:
+        ps = list({id(p): p for p in layer.parameters()}.values())
+        layer_ids.update(id(p) for p in ps)
+        layer_numels.append(sum(p.numel() for p in ps))
+        layer_trainable.append(sum(p.numel() for p in ps if p.requires_grad and grads))
+    all_params = list({id(p): p for p in module.parameters()}.values())
+    outer = [p for p in all_params if id(p) not in layer_ids]
+    outer_numel = sum(p.numel() for p in outer)
+    outer_trainable = sum(p.numel() for p in outer if p.requires_grad and grads)
+    params = sum(layer_numels) + outer_numel
+    trainable = sum(layer_trainable) + outer_trainable
+    csize = _size(compute_dtype)
+    state = max((optimizer_state_bytes(o) for o in optimizers), default=0) if grads else 0
+    n_slots = prefetch + 1
+    host = {
+        "fp32 master weights": 4 * params,
+        "fp32 gradients": 4 * trainable,
+        "optimizer state (estimate)": state * trainable,
+        "gradient staging": 4 * outer_trainable + n_slots * csize * max(layer_trainable, default=0),
+    }
+    if compute_dtype != torch.float32:
+        host[f"{str(compute_dtype).removeprefix('torch.')} compute copies"] = csize * sum(layer_numels)
+    dev = {
+        "weight slots": n_slots * csize * max(layer_numels, default=0),
+        "gradient buffers": n_slots * csize * max(layer_trainable, default=0),
+        "non-layer params and grads": 4 * outer_numel + 8 * outer_trainable,
+    }
+    device = torch.device(device)
+    device_free = None
+    if device.type == "cuda":
+        device_free = torch.cuda.mem_get_info(device)[0]
+    return MemoryPlan(
+        n_layers=len(layers),
+        params=params,
+        trainable=trainable,
+        host=host,
+        device=dev,
+        host_in_use=4 * params,
+        host_available=psutil.virtual_memory().available,
+        device_free=device_free,
+    )

@@ -1,0 +1,70 @@
+"""Precision for megatrain: fp32 masters always; the flag picks what is streamed and computed."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from torch.optim import Optimizer
+
+if TYPE_CHECKING:
+    from .engine import Runtime
+
+_Flag = Literal["32-true", "bf16-mixed"]
+SUPPORTED: tuple[str, ...] = ("32-true", "bf16-mixed")
+
+
+class MegaTrainPrecision(Precision):
+    """``"32-true"``: fp32 weights streamed. ``"bf16-mixed"``: bf16 weights streamed, computed under
+    bf16 autocast, with fp32 master weights, gradients and optimizer state on the host."""
+
+    def __init__(self, precision: _Flag = "32-true") -> None:
+        if precision not in SUPPORTED:
+            raise ValueError(
+                f"megatrain supports precision {' or '.join(repr(p) for p in SUPPORTED)}, got {precision!r}. "
+                "Master weights stay fp32 in host memory either way; pick 'bf16-mixed' to stream and compute in bf16."
+            )
+        self.precision = precision
+        self.device_type = "cpu"
+        self.runtime: Runtime | None = None
+
+    @classmethod
+    def from_plugin(cls, plugin: Precision) -> MegaTrainPrecision:
+        """The megatrain counterpart of the plugin Lightning built from ``Trainer(precision=...)``."""
+        if isinstance(plugin, MegaTrainPrecision):
+            return plugin
+        if type(plugin) is Precision:
+            return cls("32-true")
+        if isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed":
+            return cls("bf16-mixed")
+        flag = getattr(plugin, "precision", type(plugin).__name__)
+        raise ValueError(
+            f"strategy='megatrain' supports precision {' or '.join(repr(p) for p in SUPPORTED)}, got {flag!r}. "
+            "fp16 needs a loss scaler and true-half training has no fp32 master; use precision='bf16-mixed'."
+        )
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16-mixed" else torch.float32
+
+    @contextlib.contextmanager
+    def forward_context(self) -> Generator[None, None, None]:
+        if self.precision == "bf16-mixed":
+            with torch.autocast(self.device_type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+
+    def optimizer_step(  # type: ignore[override]
+        self, optimizer: Optimizer, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any
+    ) -> Any:
+        # Run forward/backward, on_before_optimizer_step and clipping first, as Lightning's other
+        # plugins do; then launch the host step, which returns before it is done.
+        closure_result = self._wrap_closure(model, optimizer, closure)
+        assert self.runtime is not None, "MegaTrainPrecision is used through MegaTrainStrategy"
+        self.runtime.step(optimizer, **kwargs)
+        return closure_result

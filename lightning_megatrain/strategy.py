@@ -1,0 +1,227 @@
+"""Lightning glue: device resolution, setup, the step, checkpoint waits, teardown. The work is in ``engine``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Generator, Mapping, Sequence
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .engine import Runtime, RuntimeConfig
+from .memory import plan_memory
+from .precision import MegaTrainPrecision
+
+log = logging.getLogger(__name__)
+
+
+class MegaTrainStrategy(SingleDeviceStrategy):
+    """Train models larger than GPU memory on one GPU: host memory holds fp32 masters, gradients and
+    optimizer state; each layer's weights stream to the device just in time and are recomputed in
+    backward; the optimizer runs on the host, overlapped with the next forward.
+
+    Args:
+        layer_cls: the classes (or class names, or ``"module.Class"`` paths) of the layers to stream.
+            Default: the largest list of same-class child modules, e.g. a transformer's decoder layers.
+        prefetch: how many layers are copied ahead of the one being computed (device slots = prefetch + 1).
+        pin_memory: page-lock the host buffers when a GPU is used (needed for asynchronous copies).
+        fused_optimizer: switch Adam/AdamW/SGD to torch's fused CPU kernel when the user did not choose
+            an implementation (same update, ~10x faster on the host).
+        check_memory: refuse to start, before allocating, when the memory plan does not fit this machine.
+    """
+
+    strategy_name = "megatrain"
+
+    def __init__(
+        self,
+        layer_cls: Optional[Sequence[Union[str, type]]] = None,
+        prefetch: int = 1,
+        pin_memory: bool = True,
+        fused_optimizer: bool = True,
+        check_memory: bool = True,
+        device: Optional[Union[str, int, torch.device]] = None,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+    ) -> None:
+        if not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch must be an integer >= 1 (layers copied ahead), got {prefetch!r}")
+        self._device_given = device is not None
+        if isinstance(device, int):
+            device = torch.device("cuda", device)
+        super().__init__(
+            device=device if device is not None else "cpu",
+            accelerator=accelerator,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self.config = RuntimeConfig(
+            layer_cls=list(layer_cls) if layer_cls else None,
+            prefetch=prefetch,
+            pin_memory=pin_memory,
+            fused_optimizer=fused_optimizer,
+        )
+        self.check_memory = check_memory
+        self.runtime: Optional[Runtime] = None
+        self.memory_plan: Any = None
+
+    # ------------------------------------------------------------------ devices and precision
+    @property
+    def parallel_devices(self) -> Optional[list[torch.device]]:
+        # Lightning hands a strategy built from a registry name its devices through this attribute.
+        return [self.root_device] if self._device_given else None
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: Optional[list[torch.device]]) -> None:
+        if not devices:
+            return
+        if len(devices) > 1:
+            raise ValueError(
+                f"strategy='megatrain' trains on one device, but {len(devices)} were requested ({devices}). "
+                "Pass devices=1 (or devices=[k] for GPU k)."
+            )
+        self._root_device = torch.device(devices[0])
+        self._device_given = True
+
+    @property
+    def precision_plugin(self) -> MegaTrainPrecision:
+        plugin = self._precision_plugin
+        if plugin is None:
+            plugin = self._precision_plugin = MegaTrainPrecision("32-true")
+        return plugin  # type: ignore[return-value]
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin: Optional[Precision]) -> None:
+        self._precision_plugin = MegaTrainPrecision.from_plugin(plugin) if plugin is not None else None
+
+    @contextlib.contextmanager
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+        # The model is built in host memory: that is where it lives.
+        with torch.device("cpu"):
+            yield
+
+    def model_to_device(self) -> None:
+        # Parameters stay on the host; the runtime moves buffers and streams weights.
+        pass
+
+    # ------------------------------------------------------------------ setup / teardown
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            self.setup_optimizers(trainer)
+        precision = self.precision_plugin
+        precision.device_type = self.root_device.type
+        self.config.grads = fitting
+
+        def plan(layers: list[torch.nn.Module]) -> None:
+            if not layers:
+                rank_zero_warn(
+                    f"megatrain found no stack of repeated layers in {type(self.model).__name__}: nothing is streamed "
+                    "and the whole model is bound on the device each step. Pass layer_cls to name the layers."
+                )
+            self.memory_plan = plan_memory(
+                self.model, layers, precision.compute_dtype, self.root_device, self.config.prefetch, self.optimizers, fitting
+            )
+            rank_zero_info(str(self.memory_plan))
+            if self.check_memory:
+                self.memory_plan.check()
+
+        self.runtime = Runtime(self.model, self.root_device, precision.compute_dtype, self.config, before_alloc=plan)
+        for optimizer in self.optimizers:
+            self.runtime.attach_optimizer(optimizer)
+        precision.runtime = self.runtime
+        self.setup_precision_plugin()
+
+    def teardown(self) -> None:
+        if self.runtime is not None:
+            self.runtime.detach()
+            self.runtime = None
+            self.precision_plugin.runtime = None
+        super().teardown()
+
+    # ------------------------------------------------------------------ steps
+    def _bound(self) -> Any:
+        return self.runtime.bound() if self.runtime is not None else contextlib.nullcontext()
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._bound():
+            return super().training_step(*args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._bound():
+            return super().validation_step(*args, **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._bound():
+            return super().test_step(*args, **kwargs)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._bound():
+            return super().predict_step(*args, **kwargs)
+
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        assert self.lightning_module is not None and self.runtime is not None
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        self.precision_plugin.backward(closure_loss, self.lightning_module, optimizer, *args, **kwargs)
+        # gradients must be complete on the host before on_after_backward and clipping see them
+        self.runtime.after_backward()
+        closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    def optimizer_step(
+        self, optimizer: Optimizer, closure: Callable[[], Any], model: Optional[Any] = None, **kwargs: Any
+    ) -> Any:
+        result = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self.runtime is not None and self.runtime.in_step:
+            # manual optimization: a forward later in this training_step must see the updated weights
+            self.runtime.rebind()
+        return result
+
+    # ------------------------------------------------------------------ checkpoints: wait for the pending step
+    def _wait(self) -> None:
+        if self.runtime is not None:
+            self.runtime.wait()
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        self._wait()
+        return super().lightning_module_state_dict()
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:
+        self._wait()
+        return super().optimizer_state(optimizer)
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        self._wait()
+        super().load_model_state_dict(checkpoint, strict=strict)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        # Optimizer state stays on the host (Lightning's default moves it to the root device).
+        self._wait()
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            optimizer.load_state_dict(state)
+            if self.runtime is not None:
+                self.runtime.refresh_fused(optimizer)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        self._wait()
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def on_exception(self, exception: BaseException) -> None:
+        if self.runtime is not None:
+            self.runtime.detach()
+            self.runtime = None
+            self.precision_plugin.runtime = None
+        super().on_exception(exception)
