@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -180,15 +180,6 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
         self.post_backward(closure_loss)
         return closure_loss
-
-    def optimizer_step(
-        self, optimizer: Optimizer, closure: Callable[[], Any], model: Optional[Any] = None, **kwargs: Any
-    ) -> Any:
-        result = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if self.runtime is not None and self.runtime.in_step:
-            # manual optimization: a forward later in this training_step must see the updated weights
-            self.runtime.rebind()
-        return result
 
     # ------------------------------------------------------------------ checkpoints: wait for the pending step
     def _wait(self) -> None:

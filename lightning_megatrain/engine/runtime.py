@@ -74,8 +74,12 @@ class Runtime:
         except BaseException:
             self.detach()
             raise
-        self._leaves: list[tuple[list[torch.Tensor], ...]] = []
+        self._leaves: list[list[nn.Parameter]] = []
         self._bound = 0
+        self._stale = False
+        owners = {id(m): m for e in self.outer.entries for m, _ in e.refs}
+        owners[id(module)] = module
+        self._hooks = [m.register_forward_pre_hook(self._rebind_if_stale) for m in owners.values()]
         self._anchor = torch.empty(0, device=self.device, requires_grad=True)
         self._patched: list[tuple[Optimizer, dict[str, Any]]] = []
 
@@ -185,6 +189,9 @@ class Runtime:
 
             unit.ticket = self.worker.submit(task)
         optimizer._opt_called = True  # type: ignore[attr-defined]  # LR schedulers check that step ran
+        if self._bound:
+            self.outer.unbind()
+            self._stale = True
 
     def wait(self) -> None:
         """Block until all host work (gradients, optimizer step) is done."""
@@ -203,22 +210,24 @@ class Runtime:
             return
         self._leaves = []
         self.slots.invalidate()
-        self.rebind()
         self._bound = 1
         try:
+            self.rebind()
             yield
         finally:
             self._bound = 0
+            self._stale = False
             self.outer.unbind()
 
     @property
     def in_step(self) -> bool:
-        """Whether the non-layer parameters are bound (inside a training/validation/... step)."""
+        """Whether a training/validation/... step is running (the non-layer parameters may be bound)."""
         return self._bound > 0
 
     def rebind(self) -> None:
-        """Fresh device copies of the non-layer parameters, e.g. after an optimizer step inside a step."""
+        """Fresh device copies of the non-layer parameters, waiting only for their own update."""
         outer = self.outer
+        self._stale = False
         self.worker.wait(outer.ticket)
         self._check_trainable(outer)
         if not outer.entries:
@@ -228,6 +237,13 @@ class Runtime:
         leaves = [nn.Parameter(outer.param_view(dev, e), requires_grad=e.goffset is not None) for e in outer.entries]
         outer.bind(leaves)
         self._leaves.append(leaves)
+
+    def _rebind_if_stale(self, module: nn.Module, args: Any) -> None:
+        # Inside one training_step (manual optimization) the host parameters are put back after each
+        # backward, so that clipping and hooks see them with their gradients; the next module call
+        # binds fresh device copies again.
+        if self._bound and self._stale:
+            self.rebind()
 
     def after_backward(self) -> None:
         """Send the non-layer gradients home and wait until every gradient of this backward is on the host."""
@@ -244,6 +260,9 @@ class Runtime:
                     leaf.grad = None
             self._send(outer, packed, outer.staging, produced, release=None)
         self.worker.wait()
+        if self._bound:
+            self.outer.unbind()
+            self._stale = True
 
     def _send(self, unit: Unit, dev: torch.Tensor, host: torch.Tensor, produced: list[bool], release: GradChannel | None) -> None:
         streams = self.streams
@@ -389,6 +408,9 @@ class Runtime:
             else:
                 layer.forward = previous
         self._forwards = []
+        for handle in getattr(self, "_hooks", []):
+            handle.remove()
+        self._hooks = []
         for unit in getattr(self, "units", []):
             unit.unbind()
             unit.detach()

@@ -1,0 +1,228 @@
+"""Pre-train a small Llama-style model from scratch with ``strategy="megatrain"``.
+
+Byte-level (vocab 256), random init, no hub access and no tokenizer download, so it runs anywhere:
+
+    python examples/pretrain_llama.py fit                                   # GPU if present, else CPU
+    python examples/pretrain_llama.py fit --config examples/configs/cpu_tiny.yaml
+    python examples/pretrain_llama.py fit --model.num_layers=8 --trainer.precision=bf16-mixed
+    python examples/pretrain_llama.py fit --print_config                    # every option, as YAML
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lightning_megatrain  # noqa: F401  # registers strategy="megatrain" for the CLI
+
+DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "tiny_corpus.txt"
+VOCAB_SIZE = 256  # one token per byte: no tokenizer to download or train
+
+
+class ByteWindows(Dataset):
+    """Fixed-length windows over a byte stream; labels are the inputs (HF shifts them)."""
+
+    def __init__(self, data: Tensor, seq_len: int) -> None:
+        self.data = data
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return len(self.data) // self.seq_len
+
+    def __getitem__(self, i: int) -> Tensor:
+        start = i * self.seq_len
+        return self.data[start : start + self.seq_len].long()
+
+
+class ByteTextDataModule(pl.LightningDataModule):
+    """A UTF-8 text file as byte tokens, split into a train head and a validation tail.
+
+    Args:
+        path: the text file; ``None`` means the corpus shipped next to this script (so the default works
+            from any working directory).
+        seq_len: tokens (bytes) per window.
+        batch_size: windows per batch.
+        val_fraction: share of the file, taken from its end, held out for validation. A contiguous tail
+            rather than random windows, so no training window overlaps a validation one.
+        num_workers: DataLoader workers; slicing a tensor is cheap, so 0 is usually fastest.
+    """
+
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        seq_len: int = 256,
+        batch_size: int = 16,
+        val_fraction: float = 0.05,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2 (a causal LM needs a next token), got {seq_len}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.path = Path(path) if path is not None else DEFAULT_CORPUS
+        self.train_set: Optional[ByteWindows] = None
+        self.val_set: Optional[ByteWindows] = None
+
+    def setup(self, stage: str) -> None:
+        if self.train_set is not None:
+            return  # fit then validate in one process: read the file once
+        raw = self.path.read_bytes()
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        n_val = int(len(data) * self.hparams.val_fraction)
+        seq_len = self.hparams.seq_len
+        if n_val and n_val < seq_len:
+            n_val = seq_len  # at least one validation window
+        train, val = data[: len(data) - n_val], data[len(data) - n_val :]
+        self.train_set = ByteWindows(train, seq_len)
+        self.val_set = ByteWindows(val, seq_len)
+        if len(self.train_set) < 1:
+            raise ValueError(f"{self.path} has {len(raw)} bytes: too short for seq_len={seq_len} with val_fraction={self.hparams.val_fraction}")
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None
+        return DataLoader(
+            self.train_set,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            drop_last=len(self.train_set) >= self.hparams.batch_size,  # equal-sized steps when possible
+            num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> Any:
+        assert self.val_set is not None
+        if len(self.val_set) == 0:
+            return []  # val_fraction=0: Lightning skips validation
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+
+
+class LlamaPretrainModule(pl.LightningModule):
+    """A randomly initialised ``LlamaForCausalLM`` and its causal LM loss.
+
+    Built in ``__init__`` on purpose: under megatrain the weights live in host memory anyway, so there is
+    no device-side init to defer, and checkpoints reload without a ``configure_model`` step.
+
+    Args:
+        hidden_size: model width.
+        intermediate_size: SwiGLU MLP width.
+        num_layers: decoder layers; these are what megatrain streams to the device one at a time.
+        num_heads: attention heads (must divide ``hidden_size``).
+        num_kv_heads: key/value heads; fewer than ``num_heads`` gives grouped-query attention.
+        max_position_embeddings: longest sequence; linked to ``data.seq_len`` by the CLI.
+        lr: peak learning rate, reached after the warmup.
+        weight_decay: AdamW decoupled decay, applied to matrices only (not norms or biases).
+        warmup_steps: linear warmup length; a cosine decay to 10% of ``lr`` follows.
+        tie_word_embeddings: share the input embedding with the output projection.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 256,
+        intermediate_size: int = 688,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        num_kv_heads: int = 2,
+        max_position_embeddings: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 5,
+        tie_word_embeddings: bool = False,
+    ) -> None:
+        super().__init__()
+        if hidden_size % num_heads or num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads ({num_heads}) must divide hidden_size ({hidden_size}) and be a multiple of num_kv_heads ({num_kv_heads})"
+            )
+        self.save_hyperparameters()
+        config = LlamaConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            max_position_embeddings=max_position_embeddings,
+            tie_word_embeddings=tie_word_embeddings,
+            use_cache=False,  # training only: a KV cache would just hold memory
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+        )
+        self.model = LlamaForCausalLM(config)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids).logits
+
+    def _loss(self, batch: Tensor) -> Tensor:
+        # HF shifts labels by one inside the model: position t predicts byte t+1.
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch.shape[0])
+        self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=batch.shape[0])
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("val_loss", loss, prog_bar=True, batch_size=batch.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        # fused/foreach left unset: megatrain picks torch's fused CPU kernel for the host step
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.lr,
+            betas=(0.9, 0.95),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.hparams.warmup_steps, total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """LR multiplier: linear ramp over ``warmup`` steps, then cosine down to ``floor`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class PretrainCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # One source of truth for the context length: the model's positions follow the data's windows.
+        parser.link_arguments("data.seq_len", "model.max_position_embeddings")
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 path; no effect on CPU
+    PretrainCLI(
+        LlamaPretrainModule,
+        ByteTextDataModule,
+        trainer_defaults={"strategy": "megatrain", "max_steps": 20, "log_every_n_steps": 5, "accelerator": "auto", "devices": 1},
+        seed_everything_default=1234,
+        save_config_kwargs={"overwrite": True},  # re-running in the same directory must not fail
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()
