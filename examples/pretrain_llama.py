@@ -86,7 +86,10 @@ class ByteTextDataModule(pl.LightningDataModule):
         self.train_set = ByteWindows(train, seq_len)
         self.val_set = ByteWindows(val, seq_len)
         if len(self.train_set) < 1:
-            raise ValueError(f"{self.path} has {len(raw)} bytes: too short for seq_len={seq_len} with val_fraction={self.hparams.val_fraction}")
+            raise ValueError(
+                f"{self.path} has {len(raw)} bytes: too short for seq_len={seq_len} "
+                f"with val_fraction={self.hparams.val_fraction}"
+            )
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
@@ -140,7 +143,8 @@ class LlamaPretrainModule(pl.LightningModule):
         super().__init__()
         if hidden_size % num_heads or num_heads % num_kv_heads:
             raise ValueError(
-                f"num_heads ({num_heads}) must divide hidden_size ({hidden_size}) and be a multiple of num_kv_heads ({num_kv_heads})"
+                f"num_heads ({num_heads}) must divide hidden_size ({hidden_size}) "
+                f"and be a multiple of num_kv_heads ({num_kv_heads})"
             )
         self.save_hyperparameters()
         config = LlamaConfig(
@@ -217,7 +221,13 @@ def main(args: Optional[list[str]] = None) -> None:
     PretrainCLI(
         LlamaPretrainModule,
         ByteTextDataModule,
-        trainer_defaults={"strategy": "megatrain", "max_steps": 20, "log_every_n_steps": 5, "accelerator": "auto", "devices": 1},
+        trainer_defaults={
+            "strategy": "megatrain",
+            "max_steps": 20,
+            "log_every_n_steps": 5,
+            "accelerator": "auto",
+            "devices": 1,
+        },
         seed_everything_default=1234,
         save_config_kwargs={"overwrite": True},  # re-running in the same directory must not fail
         args=args,

@@ -1,0 +1,136 @@
+"""Bad input gets a clear error before anything is allocated."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import lightning as L
+import psutil
+import pytest
+import torch
+
+import lightning_megatrain
+from lightning_megatrain import MegaTrainPrecision, MegaTrainStrategy, MemoryPlanError
+from models import BlockLM, data, trainer
+
+
+def test_import_twice_and_registry() -> None:
+    import importlib
+
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    importlib.reload(lightning_megatrain)
+    assert "megatrain" in StrategyRegistry
+    t = trainer("megatrain")
+    assert isinstance(t.strategy, MegaTrainStrategy)
+    assert isinstance(t.precision_plugin, MegaTrainPrecision)
+    assert t.strategy.root_device == torch.device("cpu")
+
+
+def test_more_than_one_device() -> None:
+    with pytest.raises(ValueError, match="one device, but 2 were requested"):
+        trainer("megatrain", devices=2)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true", "64-true"])
+def test_unsupported_precision(precision: str) -> None:
+    with pytest.raises(ValueError, match="supports precision '32-true' or 'bf16-mixed', got"):
+        trainer("megatrain", precision=precision)
+
+
+def test_fp16_mixed_refused() -> None:
+    # On the CPU Lightning itself turns 16-mixed into bf16-mixed; on a GPU the plugin is refused.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    with pytest.raises(ValueError, match="got '16-mixed'"):
+        MegaTrainPrecision.from_plugin(MixedPrecision("16-mixed", "cuda"))
+
+
+def test_precision_plugin_flags() -> None:
+    assert trainer("megatrain", precision="bf16-mixed").precision_plugin.compute_dtype == torch.bfloat16
+    assert trainer("megatrain", precision="32-true").precision_plugin.compute_dtype == torch.float32
+    with pytest.raises(ValueError, match="got 'fp8'"):
+        MegaTrainPrecision("fp8")  # type: ignore[arg-type]
+
+
+def test_bad_prefetch() -> None:
+    with pytest.raises(ValueError, match="prefetch must be an integer >= 1"):
+        MegaTrainStrategy(prefetch=0)
+
+
+def _untouched(model: BlockLM) -> bool:
+    """No arena was made: parameters are not views, no layer forward was replaced."""
+    return all(p._base is None for p in model.parameters()) and all("forward" not in b.__dict__ for b in model.blocks)
+
+
+def test_layer_cls_matching_nothing() -> None:
+    model = BlockLM()
+    with pytest.raises(ValueError, match=r"layer_cls=\['NoSuchLayer'\] matches no module of BlockLM.*'Block'"):
+        trainer(MegaTrainStrategy(layer_cls=["NoSuchLayer"])).fit(model, data())
+    assert _untouched(model)
+
+
+def test_layer_cls_by_class_name_and_path() -> None:
+    from models import Block
+
+    for spec in (["Block"], ["models.Block"], [Block]):
+        seen: dict[str, Any] = {}
+
+        class Probe(L.Callback):
+            def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+                seen["n"] = len(trainer.strategy.runtime.layers)
+
+        trainer(MegaTrainStrategy(layer_cls=spec), max_steps=1, callbacks=[Probe()]).fit(BlockLM(n=3), data())
+        assert seen["n"] == 3
+
+
+def test_not_enough_host_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(**{**real._asdict(), "available": 1000}))
+    model = BlockLM()
+    with pytest.raises(MemoryPlanError, match=r"needs \d+ bytes .* more host memory .* but 1000 bytes"):
+        trainer("megatrain").fit(model, data())
+    assert _untouched(model)
+
+
+def test_check_memory_false_skips_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(**{**real._asdict(), "available": 1000}))
+    trainer(MegaTrainStrategy(check_memory=False), max_steps=1).fit(BlockLM(), data())
+
+
+def test_non_fp32_model_is_refused_before_allocation() -> None:
+    model = BlockLM().to(torch.bfloat16)
+    with pytest.raises(TypeError, match="fp32 master weights"):
+        trainer("megatrain").fit(model, data())
+    assert all(p._base is None for p in model.parameters())
+
+
+def test_lbfgs_refused() -> None:
+    class WithLBFGS(BlockLM):
+        def configure_optimizers(self) -> Any:
+            return torch.optim.LBFGS(self.parameters())
+
+    with pytest.raises(ValueError, match="LBFGS"):
+        trainer("megatrain").fit(WithLBFGS(), data())
+
+
+def test_exception_in_training_leaves_no_thread_and_restores_the_model() -> None:
+    import threading
+
+    class Boom(BlockLM):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if batch_idx == 3:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    model = Boom()
+    t = trainer("megatrain")
+    with pytest.raises(RuntimeError, match="boom"):
+        t.fit(model, data())
+    assert not [th for th in threading.enumerate() if th.name.startswith("megatrain")]
+    assert t.strategy.runtime is None
+    assert _untouched(model)
+    # the model still works as a plain module
+    model.loss(next(iter(data())))
