@@ -59,16 +59,21 @@ def test_bad_prefetch() -> None:
         MegaTrainStrategy(prefetch=0)
 
 
-def _untouched(model: BlockLM) -> bool:
-    """No arena was made: parameters are not views, no layer forward was replaced."""
-    return all(p._base is None for p in model.parameters()) and all("forward" not in b.__dict__ for b in model.blocks)
+def _ptrs(model: torch.nn.Module) -> list[int]:
+    return [p.data_ptr() for p in model.parameters()]
+
+
+def _untouched(model: BlockLM, ptrs: list[int]) -> bool:
+    """No arena was made: every parameter still has its own memory, no layer forward was replaced."""
+    return _ptrs(model) == ptrs and all("forward" not in b.__dict__ for b in model.blocks)
 
 
 def test_layer_cls_matching_nothing() -> None:
     model = BlockLM()
+    ptrs = _ptrs(model)
     with pytest.raises(ValueError, match=r"layer_cls=\['NoSuchLayer'\] matches no module of BlockLM.*'Block'"):
         trainer(MegaTrainStrategy(layer_cls=["NoSuchLayer"])).fit(model, data())
-    assert _untouched(model)
+    assert _untouched(model, ptrs)
 
 
 def test_layer_cls_by_class_name_and_path() -> None:
@@ -89,9 +94,10 @@ def test_not_enough_host_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     real = psutil.virtual_memory()
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(**{**real._asdict(), "available": 1000}))
     model = BlockLM()
+    ptrs = _ptrs(model)
     with pytest.raises(MemoryPlanError, match=r"needs \d+ bytes .* more host memory .* but 1000 bytes"):
         trainer("megatrain").fit(model, data())
-    assert _untouched(model)
+    assert _untouched(model, ptrs)
 
 
 def test_check_memory_false_skips_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,9 +108,10 @@ def test_check_memory_false_skips_the_check(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_non_fp32_model_is_refused_before_allocation() -> None:
     model = BlockLM().to(torch.bfloat16)
+    ptrs = _ptrs(model)
     with pytest.raises(TypeError, match="fp32 master weights"):
         trainer("megatrain").fit(model, data())
-    assert all(p._base is None for p in model.parameters())
+    assert _untouched(model, ptrs)
 
 
 def test_lbfgs_refused() -> None:
@@ -131,6 +138,7 @@ def test_exception_in_training_leaves_no_thread_and_restores_the_model() -> None
         t.fit(model, data())
     assert not [th for th in threading.enumerate() if th.name.startswith("megatrain")]
     assert t.strategy.runtime is None
-    assert _untouched(model)
+    assert all("forward" not in b.__dict__ for b in model.blocks)
+    assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
     # the model still works as a plain module
     model.loss(next(iter(data())))

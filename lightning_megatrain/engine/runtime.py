@@ -50,6 +50,12 @@ class Runtime:
         self.compute_dtype = compute_dtype
         self.layers = find_layers(module, config.layer_cls)
         self._check_sharing()
+        for name, p in module.named_parameters():
+            if p.dtype != torch.float32:
+                raise TypeError(
+                    f"megatrain keeps fp32 master weights, but parameter {name!r} is {p.dtype}. Build the model in "
+                    "float32 (the precision setting picks the compute dtype)."
+                )
         if before_alloc is not None:
             before_alloc(self.layers)
         pin = config.pin_memory and self.device.type == "cuda"

@@ -63,12 +63,6 @@ class Unit:
         self.gnumel = sum(e.numel for e in entries if e.goffset is not None)
         self.compute_dtype = compute_dtype
         self.ticket = 0  # worker ticket of the last host task that updates the masters
-        for e in entries:
-            if e.param.dtype != torch.float32:
-                raise TypeError(
-                    f"megatrain keeps fp32 master weights, but parameter {e.name!r} is {e.param.dtype}. Build the "
-                    "model in float32 (the precision setting picks the compute dtype)."
-                )
         separate = compute_dtype != torch.float32
         layout = [(self.numel, torch.float32), (self.gnumel, torch.float32)]
         if separate:
