@@ -46,7 +46,7 @@ class HostArena:
 
     def _register(self, base: torch.Tensor) -> None:
         cudart = torch.cuda.cudart()
-        err = cudart.cudaHostRegister(base.data_ptr(), base.numel(), 0)
+        err = cudart.cudaHostRegister(base.data_ptr(), base.numel(), 1)  # cudaHostRegisterPortable
         if int(err) != 0:
             warnings.warn(
                 f"cudaHostRegister of {base.numel()} bytes failed (cudaError {int(err)}); this layer's host "
