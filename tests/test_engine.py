@@ -270,3 +270,33 @@ def test_tied_weight_between_a_layer_and_the_outside_is_refused() -> None:
     with pytest.raises(ValueError, match="also used outside the layer stack"):
         Runtime(model, CPU, torch.float32, RuntimeConfig())
     assert [p.data_ptr() for p in model.parameters()] == ptrs
+
+
+class NormBlock(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.bn = nn.BatchNorm1d(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bn(self.fc(x))
+
+
+def test_recompute_does_not_update_batchnorm_stats_twice() -> None:
+    torch.manual_seed(0)
+    ref = nn.Sequential(*[NormBlock() for _ in range(3)])
+    model = copy.deepcopy(ref)
+    x = torch.randn(16, 8)
+    ref(x).square().sum().backward()
+    rt = Runtime(model, CPU, torch.float32, RuntimeConfig())
+    try:
+        with rt.bound():
+            loss = model(x).square().sum()
+        loss.backward()
+        rt.after_backward()
+        for (name, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
+            torch.testing.assert_close(b, a, msg=name)
+        for p, q in zip(ref.parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad)
+    finally:
+        rt.detach()

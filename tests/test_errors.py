@@ -142,3 +142,17 @@ def test_exception_in_training_leaves_no_thread_and_restores_the_model() -> None
     assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
     # the model still works as a plain module
     model.loss(next(iter(data())))
+
+
+def test_unfreezing_during_fit_is_refused() -> None:
+    class Unfreeze(BlockLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks[2].requires_grad_(False)
+
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            if batch_idx == 2:
+                self.blocks[2].requires_grad_(True)
+
+    with pytest.raises(RuntimeError, match="changed requires_grad after megatrain set up"):
+        trainer("megatrain").fit(Unfreeze(), data())

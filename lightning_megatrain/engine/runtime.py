@@ -6,7 +6,6 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .layer_fn import LayerCall, LayerFunction, strip_caches
+from .host import HostArena
 from .layers import LayerClasses, find_layers
 from .stepper import Worker, enable_fused, snapshot_groups, split_params, step_unit
 from .stream import ChannelPool, GradChannel, SlotPool, Streams
@@ -70,7 +70,7 @@ class Runtime:
             self.units.append(self.outer)
             for i, layer in enumerate(self.layers):
                 entries = collect_entries([("", layer)], exclude=set(), grads=config.grads)
-                self.units.append(Unit(f"layer{i}", i + 1, entries, compute_dtype, pin=pin, staging=False))
+                self.units.append(Unit(f"layer{i}", i + 1, entries, compute_dtype, pin=pin, staging=False, module=layer))
             self.layer_units = self.units[1:]
             self._owner = {id(e.param): u.index for u in self.units for e in u.entries}
             self._move_buffers()
@@ -131,8 +131,6 @@ class Runtime:
         self.slots = SlotPool(n_slots if numel else 0, numel, self.compute_dtype, self.streams)
         channels = []
         if gnumel:
-            from .host import HostArena
-
             self._channel_arena = HostArena([(gnumel, self.compute_dtype)] * n_slots, pin=pin)
             for host in self._channel_arena.buffers:
                 dev = torch.empty(gnumel, dtype=self.compute_dtype, device=self.device)
@@ -216,6 +214,8 @@ class Runtime:
             return
         self._leaves = []
         self.slots.invalidate()
+        for unit in self.layer_units:
+            self._check_trainable(unit)
         self._bound = 1
         try:
             self.rebind()
@@ -347,7 +347,11 @@ class Runtime:
         self.slots.begin_use(slot)
         try:
             unit.bind(self._views(unit, slot, grad=False))
-            return call.call(tensors)
+            versions = unit.buffer_versions()
+            out = call.call(tensors)
+            if unit.buffer_versions() != versions:
+                unit.mutates_buffers = True  # e.g. BatchNorm running stats
+            return out
         finally:
             unit.unbind()
             self.slots.end_use(slot)
@@ -361,6 +365,8 @@ class Runtime:
         try:
             weights = self._views(unit, slot, grad=True)
             unit.bind(weights)
+            # the recompute must not update buffers a second time (BatchNorm running stats)
+            saved = [b.clone() for b in unit.buffers()] if unit.mutates_buffers else None
             with torch.enable_grad(), call.replay_context():
                 outs = call.split_output(call.call(inputs))
             call.out_leaves = []
@@ -371,6 +377,10 @@ class Runtime:
                 grads = torch.autograd.grad([o for o, _ in pairs], targets, [g for _, g in pairs], allow_unused=True)
             else:
                 grads = (None,) * len(targets)
+            if saved is not None:
+                with torch.no_grad():
+                    for b, v in zip(unit.buffers(), saved):
+                        b.copy_(v)
         finally:
             unit.unbind()
         input_grads = list(grads[: len(wrt)])

@@ -55,8 +55,19 @@ def collect_entries(modules: list[tuple[str, nn.Module]], exclude: set[int], gra
 class Unit:
     """Host arena of one group: fp32 master, fp32 gradient, compute-dtype copy, gradient staging."""
 
-    def __init__(self, name: str, index: int, entries: list[Entry], compute_dtype: torch.dtype, pin: bool, staging: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        index: int,
+        entries: list[Entry],
+        compute_dtype: torch.dtype,
+        pin: bool,
+        staging: bool,
+        module: nn.Module | None = None,
+    ) -> None:
         self.name = name
+        self.module = module
+        self.mutates_buffers = False
         self.index = index
         self.entries = entries
         self.numel = sum(e.numel for e in entries)
@@ -81,6 +92,12 @@ class Unit:
                 e.param.data = view  # the old storage is freed here, one unit at a time
         self._synced = -1
         self.refresh_compute()
+
+    def buffers(self) -> list[torch.Tensor]:
+        return list(self.module.buffers()) if self.module is not None else []
+
+    def buffer_versions(self) -> list[int]:
+        return [b._version for b in self.buffers()]
 
     @property
     def trainable(self) -> bool:
