@@ -140,15 +140,20 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         self.runtime = Runtime(self.model, self.root_device, precision.compute_dtype, self.config, before_alloc=plan)
         for optimizer in self.optimizers:
             self.runtime.attach_optimizer(optimizer)
+        self.optimizers = self.optimizers  # re-wrap: LightningOptimizer takes the (now waiting) class
         precision.runtime = self.runtime
         self.setup_precision_plugin()
 
     def teardown(self) -> None:
+        self._detach()
+        super().teardown()
+
+    def _detach(self) -> None:
         if self.runtime is not None:
             self.runtime.detach()
             self.runtime = None
             self.precision_plugin.runtime = None
-        super().teardown()
+            self.optimizers = self.optimizers  # re-wrap the restored optimizer classes
 
     # ------------------------------------------------------------------ steps
     def _bound(self) -> Any:
@@ -211,8 +216,5 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def on_exception(self, exception: BaseException) -> None:
-        if self.runtime is not None:
-            self.runtime.detach()
-            self.runtime = None
-            self.precision_plugin.runtime = None
+        self._detach()
         super().on_exception(exception)

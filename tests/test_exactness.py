@@ -178,3 +178,42 @@ def test_fit_then_validate_reuses_trained_weights() -> None:
 def test_val_check_inside_fit() -> None:
     plain, mega = fit_pair(BlockLM, max_steps=6, val_check_interval=3, limit_val_batches=2, num_sanity_val_steps=1)
     assert_same_training(plain, mega)
+
+
+def test_zero_grad_right_after_step_waits_for_the_pending_step() -> None:
+    import time
+
+    done: list[int] = []
+
+    class SlowAdamW(torch.optim.AdamW):
+        def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+            time.sleep(0.02)
+            out = super().step(closure)
+            done.append(len(self.param_groups[0]["params"]))
+            return out
+
+    class ZeroAfterStep(BlockLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.checked = 0
+
+        def configure_optimizers(self) -> Any:
+            return SlowAdamW(self.parameters(), lr=1e-2)
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            opt = self.optimizers()
+            loss = self.loss(batch)
+            self.manual_backward(loss)
+            done.clear()
+            opt.step()
+            opt.zero_grad()  # must not clear gradients the host step is still reading
+            assert len(done) == len(self.blocks) + 1, done
+            assert all(p.grad is None for p in self.parameters())
+            self.checked += 1
+
+    from models import trainer
+
+    model = ZeroAfterStep()
+    trainer("megatrain", max_steps=3).fit(model, data())
+    assert model.checked == 3

@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from .layer_fn import LayerCall, LayerFunction, strip_caches
 from .host import HostArena
 from .layers import LayerClasses, find_layers
-from .stepper import Worker, enable_fused, snapshot_groups, split_params, step_unit
+from .stepper import Worker, enable_fused, make_waiting, restore_class, snapshot_groups, split_params, step_unit
 from .stream import ChannelPool, GradChannel, SlotPool, Streams
 from .units import Unit, collect_entries
 
@@ -87,7 +87,7 @@ class Runtime:
         owners[id(module)] = module
         self._hooks = [m.register_forward_pre_hook(self._rebind_if_stale) for m in owners.values()]
         self._anchor = torch.empty(0, device=self.device, requires_grad=True)
-        self._patched: list[tuple[Optimizer, dict[str, Any]]] = []
+        self._patched: list[Optimizer] = []
 
     # ----------------------------------------------------------------- setup
     def _check_sharing(self) -> None:
@@ -161,17 +161,8 @@ class Runtime:
             raise ValueError("megatrain steps the optimizer layer by layer; LBFGS re-evaluates the closure and is not supported.")
         if self.config.fused_optimizer:
             enable_fused(optimizer)
-        saved: dict[str, Any] = {}
-        for name in ("zero_grad", "state_dict", "load_state_dict", "add_param_group"):
-            saved[name] = optimizer.__dict__.get(name)
-            method = getattr(type(optimizer), name)
-
-            def waiting(*args: Any, __m: Any = method, __o: Optimizer = optimizer, **kwargs: Any) -> Any:
-                self.wait()
-                return __m(__o, *args, **kwargs)
-
-            setattr(optimizer, name, waiting)
-        self._patched.append((optimizer, saved))
+        make_waiting(optimizer, self.wait)
+        self._patched.append(optimizer)
 
     def refresh_fused(self, optimizer: Optimizer) -> None:
         if self.config.fused_optimizer:
@@ -411,12 +402,8 @@ class Runtime:
             except Exception:  # noqa: BLE001 - teardown after a failure must still free everything
                 pass
             worker.close()
-        for optimizer, saved in getattr(self, "_patched", []):
-            for name, prev in saved.items():
-                if prev is None:
-                    optimizer.__dict__.pop(name, None)
-                else:
-                    optimizer.__dict__[name] = prev
+        for optimizer in getattr(self, "_patched", []):
+            restore_class(optimizer)
         self._patched = []
         for layer, previous in getattr(self, "_forwards", []):
             if previous is None:

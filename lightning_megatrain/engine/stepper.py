@@ -8,6 +8,7 @@ step k is done. The main thread waits on a ticket, i.e. only for the work it nee
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -83,6 +84,45 @@ class Worker:
                 self._cond.notify_all()
 
 
+_WAITING = ("zero_grad", "state_dict", "load_state_dict", "add_param_group")
+
+
+def _waiting_method(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def waiting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        wait = getattr(self, "_megatrain_wait", None)
+        if wait is not None:
+            wait()
+        return method(self, *args, **kwargs)
+
+    return waiting
+
+
+def make_waiting(optimizer: Optimizer, wait: Callable[[], None]) -> None:
+    """Make every reader of the optimizer's gradients or state wait for the pending step.
+
+    The optimizer's class is swapped for a subclass (same name) whose ``zero_grad``, ``state_dict``,
+    ``load_state_dict`` and ``add_param_group`` wait first, so wrappers that look methods up on the
+    class (Lightning's ``LightningOptimizer``) wait too. ``restore_class`` undoes it.
+    """
+    cls = type(optimizer)
+    waiting = type(
+        cls.__name__,
+        (cls,),
+        {"__qualname__": cls.__qualname__, "__module__": cls.__module__, "_megatrain_base": cls}
+        | {name: _waiting_method(getattr(cls, name)) for name in _WAITING},
+    )
+    optimizer.__class__ = waiting
+    optimizer._megatrain_wait = wait  # type: ignore[attr-defined]
+
+
+def restore_class(optimizer: Optimizer) -> None:
+    base = type(optimizer).__dict__.get("_megatrain_base")
+    if base is not None:
+        optimizer.__class__ = base
+    optimizer.__dict__.pop("_megatrain_wait", None)
+
+
 _FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 
 
@@ -91,7 +131,7 @@ def enable_fused(optimizer: Optimizer) -> bool:
 
     Fused CPU AdamW is ~10x faster than the per-tensor loop and computes the same update.
     """
-    if type(optimizer) not in _FUSED:
+    if type(optimizer).__dict__.get("_megatrain_base", type(optimizer)) not in _FUSED:
         return False
     changed = False
     for group in optimizer.param_groups:
