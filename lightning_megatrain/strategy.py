@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .engine import Runtime, RuntimeConfig
+from .engine import Runtime, RuntimeConfig, check_optimizer
 from .memory import plan_memory
 from .precision import MegaTrainPrecision
 
@@ -120,6 +120,8 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting:
             self.setup_optimizers(trainer)
+            for optimizer in self.optimizers:
+                check_optimizer(optimizer)
         precision = self.precision_plugin
         precision.device_type = self.root_device.type
         self.config.grads = fitting

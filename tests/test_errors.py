@@ -119,8 +119,11 @@ def test_lbfgs_refused() -> None:
         def configure_optimizers(self) -> Any:
             return torch.optim.LBFGS(self.parameters())
 
-    with pytest.raises(ValueError, match="LBFGS"):
-        trainer("megatrain").fit(WithLBFGS(), data())
+    model = WithLBFGS()
+    ptrs = _ptrs(model)
+    with pytest.raises(ValueError, match="LBFGS re-evaluates the closure"):
+        trainer("megatrain").fit(model, data())
+    assert _untouched(model, ptrs)
 
 
 def test_exception_in_training_leaves_no_thread_and_restores_the_model() -> None:

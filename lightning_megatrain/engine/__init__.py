@@ -2,6 +2,6 @@
 
 from .layers import find_layers
 from .runtime import Runtime, RuntimeConfig
-from .stepper import WorkerError
+from .stepper import WorkerError, check_optimizer
 
-__all__ = ["Runtime", "RuntimeConfig", "WorkerError", "find_layers"]
+__all__ = ["Runtime", "RuntimeConfig", "WorkerError", "check_optimizer", "find_layers"]

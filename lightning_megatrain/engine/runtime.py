@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from .layer_fn import LayerCall, LayerFunction, strip_caches
 from .host import HostArena
 from .layers import LayerClasses, find_layers
-from .stepper import Worker, enable_fused, make_waiting, restore_class, snapshot_groups, split_params, step_unit
+from .stepper import Worker, check_optimizer, enable_fused, make_waiting, restore_class, snapshot_groups, split_params, step_unit
 from .stream import ChannelPool, GradChannel, SlotPool, Streams
 from .units import Unit, collect_entries
 
@@ -157,8 +157,7 @@ class Runtime:
     # ----------------------------------------------------------------- optimizer
     def attach_optimizer(self, optimizer: Optimizer) -> None:
         """Make the optimizer's readers wait for the pending step, and pick fused kernels."""
-        if isinstance(optimizer, torch.optim.LBFGS):
-            raise ValueError("megatrain steps the optimizer layer by layer; LBFGS re-evaluates the closure and is not supported.")
+        check_optimizer(optimizer)
         if self.config.fused_optimizer:
             enable_fused(optimizer)
         make_waiting(optimizer, self.wait)

@@ -84,6 +84,15 @@ class Worker:
                 self._cond.notify_all()
 
 
+def check_optimizer(optimizer: Optimizer) -> None:
+    """Refuse optimizers the layer-by-layer host step cannot run, before anything is allocated."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError(
+            "megatrain steps the optimizer layer by layer on the host; LBFGS re-evaluates the closure inside "
+            "step() and is not supported. Use a first-order optimizer such as AdamW."
+        )
+
+
 _WAITING = ("zero_grad", "state_dict", "load_state_dict", "add_param_group")
 
 
