@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Generator, Mapping, Sequence
-from typing import Any, Optional, Union
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -17,6 +18,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .checkpoint import (
+    DEFAULT_SHARD_BYTES,
+    ShardedSave,
+    check_optimizer_state,
+    check_state_dict,
+    is_sharded_checkpoint,
+    load_sharded,
+)
 from .engine import Runtime, RuntimeConfig, check_optimizer
 from .memory import plan_memory
 from .precision import MegaTrainPrecision
@@ -37,6 +46,11 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         fused_optimizer: switch Adam/AdamW/SGD to torch's fused CPU kernel when the user did not choose
             an implementation (same update, ~10x faster on the host).
         check_memory: refuse to start, before allocating, when the memory plan does not fit this machine.
+        checkpoint_format: ``"sharded"`` writes a directory of safetensors shards streamed from host memory
+            (see :mod:`lightning_megatrain.checkpoint`); ``"single_file"`` is Lightning's usual ``torch.save``.
+        checkpoint_shard_bytes: the largest shard file of a sharded checkpoint.
+        async_checkpoint: write sharded checkpoints on a background thread while training goes on; each
+            layer's next update waits until that layer's tensors are written, so the checkpoint is one step.
     """
 
     strategy_name = "megatrain"
@@ -48,6 +62,9 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         pin_memory: bool = True,
         fused_optimizer: bool = True,
         check_memory: bool = True,
+        checkpoint_format: Literal["sharded", "single_file"] = "sharded",
+        checkpoint_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        async_checkpoint: bool = False,
         device: Optional[Union[str, int, torch.device]] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         checkpoint_io: Optional[CheckpointIO] = None,
@@ -55,6 +72,12 @@ class MegaTrainStrategy(SingleDeviceStrategy):
     ) -> None:
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be an integer >= 1 (layers copied ahead), got {prefetch!r}")
+        if checkpoint_format not in ("sharded", "single_file"):
+            raise ValueError(f"checkpoint_format must be 'sharded' or 'single_file', got {checkpoint_format!r}")
+        if not isinstance(checkpoint_shard_bytes, int) or checkpoint_shard_bytes <= 0:
+            raise ValueError(f"checkpoint_shard_bytes must be a positive number of bytes, got {checkpoint_shard_bytes!r}")
+        if async_checkpoint and checkpoint_format != "sharded":
+            raise ValueError("async_checkpoint=True needs checkpoint_format='sharded'")
         self._device_given = device is not None
         if isinstance(device, int):
             device = torch.device("cuda", device)
@@ -71,6 +94,10 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             fused_optimizer=fused_optimizer,
         )
         self.check_memory = check_memory
+        self.checkpoint_format = checkpoint_format
+        self.checkpoint_shard_bytes = checkpoint_shard_bytes
+        self.async_checkpoint = async_checkpoint
+        self._saving: Optional[ShardedSave] = None
         self.runtime: Optional[Runtime] = None
         self.memory_plan: Any = None
 
@@ -147,6 +174,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         self.setup_precision_plugin()
 
     def teardown(self) -> None:
+        self._finish_save()
         self._detach()
         super().teardown()
 
@@ -201,22 +229,82 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         self._wait()
         return super().optimizer_state(optimizer)
 
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        # restore into the host arenas (memory-mapped shards are copied straight into them)
+        return True
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        self._finish_save()
+        if is_sharded_checkpoint(checkpoint_path):
+            return load_sharded(checkpoint_path, weights_only=weights_only)
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        assert self.lightning_module is not None
         self._wait()
+        check_state_dict(self.lightning_module.state_dict(), checkpoint["state_dict"], strict=strict)
         super().load_model_state_dict(checkpoint, strict=strict)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         # Optimizer state stays on the host (Lightning's default moves it to the root device).
         self._wait()
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+        states = checkpoint["optimizer_states"]
+        for optimizer, state in zip(self.optimizers, states):
+            check_optimizer_state(optimizer, state)
+        for optimizer, state in zip(self.optimizers, states):
+            # own memory for each state tensor (the shards are memory-mapped read-only files)
+            state = {**state, "state": {k: {n: v.clone() if isinstance(v, Tensor) else v for n, v in s.items()} for k, s in state["state"].items()}}
             optimizer.load_state_dict(state)
             if self.runtime is not None:
                 self.runtime.refresh_fused(optimizer)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         self._wait()
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        self._finish_save()
+        if self.checkpoint_format == "single_file":
+            super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+            return
+        if not self.is_global_zero:
+            return
+        save = ShardedSave(checkpoint, Path(filepath), self.checkpoint_shard_bytes, **self._groups(checkpoint))
+        if self.async_checkpoint and self.runtime is not None:
+            self._saving = save.start()
+            self.runtime.gate = save.wait_group
+        else:
+            save.run()
+
+    def _groups(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """Which streamed layer each tensor belongs to, so a save can go layer by layer; buffers are
+        copied now, since the next forward may change them (BatchNorm statistics)."""
+        if self.runtime is None:
+            return {}
+        unit_of = self.runtime.unit_of()
+        model_groups = {}
+        state_dict = checkpoint.get("state_dict", {})
+        for name, t in list(state_dict.items()):
+            if isinstance(t, Tensor):
+                group = unit_of.get(t.data_ptr()) if t.numel() else 0
+                if group is None:
+                    state_dict[name] = t = t.clone()
+                    group = 0
+                model_groups[name] = group
+        optimizer_groups = []
+        for optimizer in self.optimizers:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            optimizer_groups.append({i: unit_of.get(p.data_ptr(), 0) for i, p in enumerate(params)})
+        return {"model_groups": model_groups, "optimizer_groups": optimizer_groups}
+
+    def _finish_save(self) -> None:
+        save, self._saving = self._saving, None
+        if save is not None:
+            if self.runtime is not None and self.runtime.gate == save.wait_group:
+                self.runtime.gate = None
+            save.wait()
 
     def on_exception(self, exception: BaseException) -> None:
-        self._detach()
+        try:
+            self._finish_save()  # a checkpoint already being written is completed, not lost
+        finally:
+            self._detach()
         super().on_exception(exception)

@@ -88,6 +88,9 @@ class Runtime:
         self._hooks = [m.register_forward_pre_hook(self._rebind_if_stale) for m in owners.values()]
         self._anchor = torch.empty(0, device=self.device, requires_grad=True)
         self._patched: list[Optimizer] = []
+        # Called with a unit's index before the optimizer updates it; an asynchronous checkpoint save
+        # uses it to hold each layer's update until that layer's tensors are written.
+        self.gate: Callable[[int], None] | None = None
 
     # ----------------------------------------------------------------- setup
     def _check_sharing(self) -> None:
@@ -175,9 +178,12 @@ class Runtime:
         pending = self.streams.record_all()
         if pending:
             self.worker.submit(lambda: [e.synchronize() for e in pending])
+        gate = self.gate
         for unit, params in zip(self.units, per_unit):
 
             def task(unit: Unit = unit, params: Any = params) -> None:
+                if gate is not None:
+                    gate(unit.index)
                 step_unit(optimizer, hparams, params, kwargs)
                 unit.refresh_compute()
 
@@ -190,6 +196,10 @@ class Runtime:
     def wait(self) -> None:
         """Block until all host work (gradients, optimizer step) is done."""
         self.worker.wait()
+
+    def unit_of(self) -> dict[int, int]:
+        """Unit index of every parameter, keyed by its data pointer (state_dict tensors share it)."""
+        return {e.param.data_ptr(): u.index for u in self.units for e in u.entries if e.numel}
 
     # ----------------------------------------------------------------- binding
     @contextlib.contextmanager
