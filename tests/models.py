@@ -114,14 +114,14 @@ class MLP(Recorder):
 class HFLM(Recorder):
     """An HF transformers causal LM built from a small config (no hub download)."""
 
-    def __init__(self, family: str = "llama", tied: bool = False, layers: int = 3) -> None:
+    def __init__(self, family: str = "llama", tied: bool = False, layers: int = 3, dropout: float = 0.1) -> None:
         super().__init__()
         import transformers
 
         if family == "llama":
             cfg = transformers.LlamaConfig(
                 vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, attention_dropout=0.1,
+                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, attention_dropout=dropout,
             )
             self.model = transformers.LlamaForCausalLM(cfg)
         else:

@@ -65,10 +65,7 @@ def test_checkpoint_matches_plain_lightning_and_resumes_from_it(tmp_path: Path) 
 def test_bf16_resume_refreshes_the_compute_copy(tmp_path: Path) -> None:
     def run(ckpt: Any, d: str, steps: int) -> Any:
         L.seed_everything(0)
-        model = HFLM("llama")
-        model.model.config.attention_dropout = 0.0
-        for layer in model.model.model.layers:
-            layer.self_attn.attention_dropout = 0.0
+        model = HFLM("llama", dropout=0.0)
         cb = ModelCheckpoint(dirpath=tmp_path / d, every_n_train_steps=6, save_top_k=-1, filename="{step}")
         t = trainer("megatrain", precision="bf16-mixed", max_steps=steps, enable_checkpointing=True, callbacks=[cb])
         t.fit(model, data(), ckpt_path=ckpt)
