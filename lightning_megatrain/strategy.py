@@ -49,6 +49,8 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         checkpoint_format: ``"sharded"`` writes a directory of safetensors shards streamed from host memory
             (see :mod:`lightning_megatrain.checkpoint`); ``"single_file"`` is Lightning's usual ``torch.save``.
         checkpoint_shard_bytes: the largest shard file of a sharded checkpoint.
+        overlap_optimizer: run the host optimizer step in the background, overlapped with the next
+            forward. ``False`` makes ``optimizer_step`` return only when the update is done.
         async_checkpoint: write sharded checkpoints on a background thread while training goes on; each
             layer's next update waits until that layer's tensors are written, so the checkpoint is one step.
     """
@@ -65,6 +67,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         checkpoint_format: Literal["sharded", "single_file"] = "sharded",
         checkpoint_shard_bytes: int = DEFAULT_SHARD_BYTES,
         async_checkpoint: bool = False,
+        overlap_optimizer: bool = True,
         device: Optional[Union[str, int, torch.device]] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         checkpoint_io: Optional[CheckpointIO] = None,
@@ -97,6 +100,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         self.checkpoint_format = checkpoint_format
         self.checkpoint_shard_bytes = checkpoint_shard_bytes
         self.async_checkpoint = async_checkpoint
+        self.overlap_optimizer = overlap_optimizer
         self._saving: Optional[ShardedSave] = None
         self.runtime: Optional[Runtime] = None
         self.memory_plan: Any = None
@@ -216,10 +220,24 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         self.post_backward(closure_loss)
         return closure_loss
 
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Optional[Any] = None, **kwargs: Any) -> Any:
+        result = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if not self.overlap_optimizer:
+            self.wait()
+        return result
+
     # ------------------------------------------------------------------ checkpoints: wait for the pending step
-    def _wait(self) -> None:
+    def wait(self) -> None:
+        """Block until the pending host optimizer step is done.
+
+        megatrain waits by itself wherever Lightning or the LightningModule reads parameters, gradients
+        or optimizer state (``zero_grad``, ``parameters()``, ``state_dict()``, checkpoints, validation). Call
+        this in code that reaches into submodules' weights between ``optimizer_step`` and the next forward.
+        """
         if self.runtime is not None:
             self.runtime.wait()
+
+    _wait = wait
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         self._wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -217,3 +218,41 @@ def test_zero_grad_right_after_step_waits_for_the_pending_step() -> None:
     model = ZeroAfterStep()
     trainer("megatrain", max_steps=3).fit(model, data())
     assert model.checked == 3
+
+
+class EMA(L.Callback):
+    """Reads all parameters right after every optimizer step, as EMA/SWA callbacks do."""
+
+    def __init__(self) -> None:
+        self.ema: list[torch.Tensor] | None = None
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        with torch.no_grad():
+            params = [p.detach().clone() for p in pl_module.parameters()]
+            if self.ema is None:
+                self.ema = params
+            else:
+                self.ema = [0.9 * e + 0.1 * p for e, p in zip(self.ema, params)]
+
+
+def test_validation_every_step_and_callbacks_reading_parameters_see_the_update() -> None:
+    # Lightning zeroes the module's grads before validation and callbacks read parameters while
+    # the host step may still be running: both must wait for it (a race here once crashed).
+    from models import trainer
+
+    results = []
+    for strat in ("auto", "megatrain"):
+        L.seed_everything(0)
+        model, ema = BlockLM(n=6, d=64), EMA()
+        t = trainer(strat, max_steps=8, val_check_interval=1, limit_val_batches=1, callbacks=[ema])
+        t.fit(model, data(), data())
+        results.append((model, ema))
+    (plain, pe), (mega, me) = results
+    assert_same_training(plain, mega)
+    for a, b in zip(pe.ema, me.ema):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_overlap_optimizer_false_matches_too() -> None:
+    plain, mega = fit_pair(BlockLM, strategy=MegaTrainStrategy(overlap_optimizer=False), max_steps=4)
+    assert_same_training(plain, mega)

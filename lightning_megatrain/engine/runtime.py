@@ -86,6 +86,7 @@ class Runtime:
         owners = {id(m): m for e in self.outer.entries for m, _ in e.refs}
         owners[id(module)] = module
         self._hooks = [m.register_forward_pre_hook(self._rebind_if_stale) for m in owners.values()]
+        self._guarded = self._guard(module)
         self._anchor = torch.empty(0, device=self.device, requires_grad=True)
         self._patched: list[Optimizer] = []
         # Called with a unit's index before the optimizer updates it; an asynchronous checkpoint save
@@ -93,6 +94,23 @@ class Runtime:
         self.gate: Callable[[int], None] | None = None
 
     # ----------------------------------------------------------------- setup
+    _GUARDED = ("parameters", "named_parameters", "state_dict", "load_state_dict", "zero_grad")
+
+    def _guard(self, module: nn.Module) -> dict[str, Any]:
+        """The root module's readers of parameters and gradients wait for the pending optimizer step
+        (e.g. Lightning's zero_grad before validation, an EMA callback reading ``parameters()``)."""
+        saved = {}
+        for name in self._GUARDED:
+            saved[name] = module.__dict__.get(name)
+            method = getattr(module, name)
+
+            def waiting(*args: Any, __m: Any = method, **kwargs: Any) -> Any:
+                self.wait()
+                return __m(*args, **kwargs)
+
+            object.__setattr__(module, name, waiting)
+        return saved
+
     def _check_sharing(self) -> None:
         seen: dict[int, int] = {}
         for i, layer in enumerate(self.layers):
@@ -423,6 +441,12 @@ class Runtime:
         for handle in getattr(self, "_hooks", []):
             handle.remove()
         self._hooks = []
+        for name, previous in getattr(self, "_guarded", {}).items():
+            if previous is None:
+                self.module.__dict__.pop(name, None)
+            else:
+                object.__setattr__(self.module, name, previous)
+        self._guarded = {}
         for unit in getattr(self, "units", []):
             unit.unbind()
             unit.detach()

@@ -1,0 +1,178 @@
+"""Checkpoint benchmark: sharded save and load time, peak extra host memory, and the step-time stall
+of a checkpoint with and without ``async_checkpoint``.
+
+    python benchmarks/checkpoint.py --hidden 1024 --layers 12 --steps 12 --every 4 --out benchmarks/results/checkpoint.json
+
+Runs on the GPU when there is one, otherwise on the CPU. Prints a table and writes JSON with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import psutil
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+import lightning_megatrain  # noqa: E402
+from _machine import machine  # noqa: E402
+from lightning_megatrain import checkpoint as ck  # noqa: E402
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.up = nn.Linear(d, 4 * d)
+        self.down = nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+
+class Model(L.LightningModule):
+    def __init__(self, d: int, n: int, vocab: int = 256) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList([Block(d) for _ in range(n)])
+        self.head = nn.Linear(d, vocab)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = self.emb(batch[0])
+        for b in self.blocks:
+            x = b(x)
+        return nn.functional.cross_entropy(self.head(x).flatten(0, 1), batch[0].flatten())
+
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+
+class _Peak:
+    def __init__(self) -> None:
+        self.proc = psutil.Process()
+
+    def __enter__(self) -> _Peak:
+        self.base = self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def _train(args: argparse.Namespace, root: Path, async_save: bool) -> dict[str, Any]:
+    L.seed_everything(0)
+    model = Model(args.hidden, args.layers)
+    strategy = lightning_megatrain.MegaTrainStrategy(async_checkpoint=async_save, checkpoint_shard_bytes=args.shard_mib * 2**20)
+    every = args.every
+
+    class Timer(L.Callback):
+        """Wall time from one batch start to the next, so a checkpoint's cost lands on its step."""
+
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+
+        def on_train_batch_start(self, *a: Any) -> None:
+            self.starts.append(time.perf_counter())
+
+    timer = Timer()
+    cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=every, save_top_k=-1, filename="{step}")
+    trainer = L.Trainer(
+        strategy=strategy, accelerator="auto", devices=1, max_steps=args.steps, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[timer, cb], precision=args.precision,
+    )
+    data = DataLoader(TensorDataset(torch.randint(0, 256, (args.steps * args.batch, args.seq))), batch_size=args.batch)
+    t0 = time.perf_counter()
+    trainer.fit(model, data)
+    total = time.perf_counter() - t0
+    steps = [b - a for a, b in zip(timer.starts, timer.starts[1:])]
+    ckpt_steps = [s for i, s in enumerate(steps, start=1) if i % every == 0]
+    plain_steps = [s for i, s in enumerate(steps, start=1) if i % every != 0 and i > 1]
+    median = statistics.median(plain_steps)
+    return {
+        "async": async_save,
+        "median_step_s": median,
+        "checkpoint_step_s": statistics.median(ckpt_steps),
+        "stall_s": statistics.median(ckpt_steps) - median,
+        "fit_s": total,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=13)
+    parser.add_argument("--every", type=int, default=4)
+    parser.add_argument("--shard-mib", type=int, default=256)
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--dir", default=None, help="where checkpoints are written (default: a temporary directory)")
+    parser.add_argument("--out", default=None, help="write the results here as JSON")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        root = Path(tmp)
+        # save / load of one checkpoint, outside the training loop
+        L.seed_everything(0)
+        model = Model(args.hidden, args.layers)
+        opt = torch.optim.AdamW(model.parameters())
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        state = {"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()]}
+        nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3
+        with _Peak() as save_mem:
+            t0 = time.perf_counter()
+            ck.save_sharded(state, root / "one", shard_bytes=args.shard_mib * 2**20)
+            save_s = time.perf_counter() - t0
+        with _Peak() as load_mem:
+            t0 = time.perf_counter()
+            loaded = ck.load_sharded(root / "one")
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    v.copy_(loaded["state_dict"][k])
+            load_s = time.perf_counter() - t0
+        single = {"state_bytes": nbytes, "save_s": save_s, "save_GBps": nbytes / save_s / 1e9,
+                  "save_peak_extra_MiB": (save_mem.peak - save_mem.base) / 2**20, "load_s": load_s,
+                  "load_peak_extra_MiB": (load_mem.peak - load_mem.base) / 2**20, "shard_MiB": args.shard_mib}
+        del model, opt, state, loaded
+        runs = [_train(args, root / f"run-{a}", a) for a in (False, True)]
+
+    result = {"machine": machine(), "args": vars(args), "save_load": single, "training": runs}
+    print(f"\nmachine: {result['machine']}")
+    print(f"state {nbytes / 2**20:.0f} MiB (weights + AdamW state), shards of {args.shard_mib} MiB")
+    print(f"  save {single['save_s']:.2f} s ({single['save_GBps']:.2f} GB/s), peak extra RSS {single['save_peak_extra_MiB']:.0f} MiB")
+    print(f"  load + copy into the model {single['load_s']:.2f} s, peak extra RSS {single['load_peak_extra_MiB']:.0f} MiB")
+    print(f"\n{'mode':<8}{'params':>12}{'median step s':>15}{'ckpt step s':>13}{'stall s':>9}")
+    for r in runs:
+        print(f"{'async' if r['async'] else 'sync':<8}{r['params']:>12,}{r['median_step_s']:>15.3f}{r['checkpoint_step_s']:>13.3f}{r['stall_s']:>9.3f}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
