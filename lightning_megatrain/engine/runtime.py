@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,18 @@ from .layers import LayerClasses, find_layers
 from .stepper import Worker, check_optimizer, enable_fused, make_waiting, restore_class, snapshot_groups, split_params, step_unit
 from .stream import ChannelPool, GradChannel, SlotPool, Streams
 from .units import Unit, collect_entries
+
+
+@dataclass
+class Stats:
+    """Counters since the last ``Runtime.stats()``; read by the telemetry callback."""
+
+    h2d_bytes: int = 0  # weights copied to the device (layer slots and non-layer parameters)
+    d2h_bytes: int = 0  # gradients copied to the host
+    host_wait_s: float = 0.0  # training thread blocked on the host worker (the previous step's update)
+    optimizer_s: float = 0.0  # host worker time in optimizer updates
+    accumulate_s: float = 0.0  # host worker time adding gradients into the fp32 .grad
+    transfer_wait_s: float = 0.0  # device time the compute stream waited for weight copies (CUDA only)
 
 
 @dataclass
@@ -92,6 +105,7 @@ class Runtime:
         # Called with a unit's index before the optimizer updates it; an asynchronous checkpoint save
         # uses it to hold each layer's update until that layer's tensors are written.
         self.gate: Callable[[int], None] | None = None
+        self._stats = Stats()
 
     # ----------------------------------------------------------------- setup
     _GUARDED = ("parameters", "named_parameters", "state_dict", "load_state_dict", "zero_grad")
@@ -202,8 +216,10 @@ class Runtime:
             def task(unit: Unit = unit, params: Any = params) -> None:
                 if gate is not None:
                     gate(unit.index)
+                start = time.perf_counter()
                 step_unit(optimizer, hparams, params, kwargs)
                 unit.refresh_compute()
+                self._stats.optimizer_s += time.perf_counter() - start
 
             unit.ticket = self.worker.submit(task)
         optimizer._opt_called = True  # type: ignore[attr-defined]  # LR schedulers check that step ran
@@ -214,6 +230,21 @@ class Runtime:
     def wait(self) -> None:
         """Block until all host work (gradients, optimizer step) is done."""
         self.worker.wait()
+
+    def stats(self, reset: bool = True) -> Stats:
+        """Transfer and host-time counters since the last call (the device stall time of copies that
+        have completed; nothing here synchronises with the device)."""
+        out = self._stats
+        out.transfer_wait_s += self.slots.collect_stall() if self.slots is not None else 0.0
+        out.h2d_bytes += self.slots.take_bytes() if self.slots is not None else 0
+        if reset:
+            self._stats = Stats()
+        return out
+
+    def _wait_ticket(self, ticket: int) -> None:
+        start = time.perf_counter()
+        self.worker.wait(ticket)
+        self._stats.host_wait_s += time.perf_counter() - start
 
     def unit_of(self) -> dict[int, int]:
         """Unit index of every parameter, keyed by its data pointer (state_dict tensors share it)."""
@@ -252,12 +283,13 @@ class Runtime:
         """Fresh device copies of the non-layer parameters, waiting only for their own update."""
         outer = self.outer
         self._stale = False
-        self.worker.wait(outer.ticket)
+        self._wait_ticket(outer.ticket)
         self._check_trainable(outer)
         if not outer.entries:
             return
         dev = torch.empty(outer.numel, dtype=torch.float32, device=self.device)
         self.streams.copy(self.streams.compute(), dev, outer.master)
+        self._stats.h2d_bytes += outer.numel * 4
         leaves = [nn.Parameter(outer.param_view(dev, e), requires_grad=e.goffset is not None) for e in outer.entries]
         outer.bind(leaves)
         self._leaves.append(leaves)
@@ -299,10 +331,13 @@ class Runtime:
             stream, done = compute, streams.event()
         streams.copy(stream, host[: dev.numel()], dev)
         done.record(stream)
+        self._stats.d2h_bytes += dev.numel() * dev.element_size()
 
         def task(dev: torch.Tensor = dev) -> None:  # holds the device buffer until its copy is done
             done.synchronize()
+            start = time.perf_counter()
             unit.accumulate(host[: unit.gnumel], produced)
+            self._stats.accumulate_s += time.perf_counter() - start
             if release is not None:
                 self.channels.put(release)
 
@@ -333,7 +368,7 @@ class Runtime:
 
     def _load(self, unit: Unit, keep: tuple) -> Any:
         if self.slots.find(unit) is None:
-            self.worker.wait(unit.ticket)
+            self._wait_ticket(unit.ticket)
             unit.refresh_compute()
         return self.slots.load(unit, unit.compute, keep=keep)
 

@@ -79,6 +79,9 @@ class SlotPool:
         self._clock = 0
         self.loads = 0  # H2D copies issued, for tests and telemetry
         self.bytes_h2d = 0
+        self._bytes_reported = 0
+        self._stalls: list[tuple[Any, Any]] = []
+        self.time_stalls = False  # set by telemetry: timing events cost a little and must be collected
 
     def invalidate(self) -> None:
         """Forget residency, e.g. after the host masters changed."""
@@ -110,7 +113,32 @@ class SlotPool:
         return slot
 
     def begin_use(self, slot: Slot) -> None:
-        self.streams.wait(self.streams.compute(), slot.ready)
+        compute = self.streams.compute()
+        if self.streams.cuda and self.time_stalls:
+            # a pair of timing events around the wait measures how long the GPU stalled on the copy
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before.record(compute)
+            compute.wait_event(slot.ready)
+            after.record(compute)
+            self._stalls.append((before, after))
+        else:
+            self.streams.wait(compute, slot.ready)
+
+    def collect_stall(self) -> float:
+        """Seconds the compute stream waited for weight copies, over the completed waits (no sync)."""
+        total, pending = 0.0, []
+        for before, after in self._stalls:
+            if after.query():
+                total += before.elapsed_time(after) / 1000
+            else:
+                pending.append((before, after))
+        self._stalls = pending
+        return total
+
+    def take_bytes(self) -> int:
+        new = self.bytes_h2d - self._bytes_reported
+        self._bytes_reported = self.bytes_h2d
+        return new
 
     def end_use(self, slot: Slot) -> None:
         slot.free.record(self.streams.compute())
