@@ -6,6 +6,9 @@ Byte-level (vocab 256), random init, no hub access and no tokenizer download, so
     python examples/pretrain_llama.py fit --config examples/configs/cpu_tiny.yaml
     python examples/pretrain_llama.py fit --model.num_layers=8 --trainer.precision=bf16-mixed
     python examples/pretrain_llama.py fit --print_config                    # every option, as YAML
+
+GPU-sized configs (bf16, one GPU, the model in host memory): examples/configs/llama_1b.yaml, llama_7b.yaml and
+llama_14b.yaml; their headers give the parameter count and the host RAM each needs.
 """
 
 from __future__ import annotations
@@ -215,10 +218,15 @@ class PretrainCLI(LightningCLI):
         parser.link_arguments("data.seq_len", "model.max_position_embeddings")
 
 
-def main(args: Optional[list[str]] = None) -> None:
+def main(args: Optional[list[str]] = None, run: bool = True) -> PretrainCLI:
+    """Parse ``args`` (default: the command line) and, with ``run=True``, run the subcommand.
+
+    ``run=False`` parses without a subcommand and returns the CLI with ``cli.trainer``, ``cli.model`` and
+    ``cli.datamodule`` built, e.g. to check a config file: ``main(["--config", "llama_7b.yaml"], run=False)``.
+    """
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 path; no effect on CPU
-    PretrainCLI(
+    return PretrainCLI(
         LlamaPretrainModule,
         ByteTextDataModule,
         trainer_defaults={
@@ -231,6 +239,7 @@ def main(args: Optional[list[str]] = None) -> None:
         seed_everything_default=1234,
         save_config_kwargs={"overwrite": True},  # re-running in the same directory must not fail
         args=args,
+        run=run,
     )
 
 

@@ -79,24 +79,39 @@ class MemoryPlan:
             )
         if self.device_free is not None and self.device_total > self.device_free:
             raise MemoryPlanError(
-                f"megatrain needs {self.device_total} bytes ({self.device_total / GiB:.2f} GiB) of device memory "
-                f"for slots and buffers but {self.device_free} bytes are free.\n{self}\nLower prefetch."
+                f"megatrain needs {self.device_total} bytes ({_fmt(self.device_total)}) of device memory but "
+                f"{self.device_free} bytes ({_fmt(self.device_free)}) are free.\n{self}\nLower prefetch or the batch size."
             )
 
     def __str__(self) -> str:
         rows = [f"megatrain memory plan: {self.params:,} parameters ({self.trainable:,} trainable), {self.n_layers} streamed layers"]
         rows.append("  host (pinned when a GPU is used):")
-        rows += [f"    {k:<28}{_fmt(v):>12}" for k, v in self.host.items()]
+        rows += [f"    {k:<32}{_fmt(v):>12}" for k, v in self.host.items()]
         rows.append(
-            f"    {'total':<28}{_fmt(self.host_total):>12}  (available now: {_fmt(self.host_available)} "
+            f"    {'total':<32}{_fmt(self.host_total):>12}  (available now: {_fmt(self.host_available)} "
             f"+ {_fmt(self.host_in_use)} held by the parameters)"
         )
-        rows.append("  device (before activations: saved layer inputs and one layer's working set):")
-        rows += [f"    {k:<28}{_fmt(v):>12}" for k, v in self.device.items()]
+        if "saved layer inputs" in self.device:
+            rows.append("  device:")
+        else:
+            rows.append("  device (before activations; pass plan_batch_tokens to include them):")
+        rows += [f"    {k:<32}{_fmt(v):>12}" for k, v in self.device.items()]
         free = "not checked (CPU)" if self.device_free is None else _fmt(self.device_free)
-        rows.append(f"    {'total':<28}{_fmt(self.device_total):>12}  (free now: {free})")
+        rows.append(f"    {'total':<32}{_fmt(self.device_total):>12}  (free now: {free})")
         rows.append(f"  fits: {'yes' if self.fits() else 'NO'}")
         return "\n".join(rows)
+
+
+def _hidden_size(module: nn.Module, layers: Sequence[nn.Module]) -> int | None:
+    for m in module.modules():
+        size = getattr(getattr(m, "config", None), "hidden_size", None)
+        if isinstance(size, int):
+            return size
+    for layer in layers[:1]:
+        for m in layer.modules():
+            if isinstance(m, nn.Linear):
+                return m.in_features
+    return None
 
 
 def plan_memory(
@@ -107,8 +122,16 @@ def plan_memory(
     prefetch: int = 1,
     optimizers: Iterable[Optimizer] = (),
     grads: bool = True,
+    batch_tokens: int | None = None,
+    hidden_size: int | None = None,
 ) -> MemoryPlan:
-    """The plan for streaming ``layers`` of ``module``; a public function so users can call it before a long load."""
+    """The plan for streaming ``layers`` of ``module``; a public function so users can call it before a long load.
+
+    With ``batch_tokens`` (tokens per micro-batch) the device part includes the saved layer inputs
+    (``layers x tokens x hidden`` in the compute dtype) and an estimate of one layer's working set
+    (``~16 x tokens x hidden`` activations plus the layer's weight gradients). ``hidden_size`` is read
+    from an HF config or the first layer's first ``nn.Linear`` when not given.
+    """
     layer_numels, layer_trainable = [], []
     layer_ids: set[int] = set()
     for layer in layers:
@@ -138,6 +161,11 @@ def plan_memory(
         "gradient buffers": n_slots * csize * max(layer_trainable, default=0),
         "non-layer params and grads": 4 * outer_numel + 8 * outer_trainable,
     }
+    if batch_tokens:
+        hidden = hidden_size or _hidden_size(module, layers)
+        if hidden:
+            dev["saved layer inputs"] = len(layers) * batch_tokens * hidden * csize
+            dev["one layer's working set (est.)"] = 16 * batch_tokens * hidden * csize + csize * max(layer_trainable, default=0)
     device = torch.device(device)
     device_free = None
     if device.type == "cuda":

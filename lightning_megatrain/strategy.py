@@ -46,6 +46,8 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         fused_optimizer: switch Adam/AdamW/SGD to torch's fused CPU kernel when the user did not choose
             an implementation (same update, ~10x faster on the host).
         check_memory: refuse to start, before allocating, when the memory plan does not fit this machine.
+        plan_batch_tokens: tokens per micro-batch, so the memory plan includes the saved layer inputs and
+            one layer's working set on the device (otherwise it covers weights, gradients and buffers only).
         checkpoint_format: ``"sharded"`` writes a directory of safetensors shards streamed from host memory
             (see :mod:`lightning_megatrain.checkpoint`); ``"single_file"`` is Lightning's usual ``torch.save``.
         checkpoint_shard_bytes: the largest shard file of a sharded checkpoint.
@@ -64,6 +66,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         pin_memory: bool = True,
         fused_optimizer: bool = True,
         check_memory: bool = True,
+        plan_batch_tokens: Optional[int] = None,
         checkpoint_format: Literal["sharded", "single_file"] = "sharded",
         checkpoint_shard_bytes: int = DEFAULT_SHARD_BYTES,
         async_checkpoint: bool = False,
@@ -97,6 +100,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             fused_optimizer=fused_optimizer,
         )
         self.check_memory = check_memory
+        self.plan_batch_tokens = plan_batch_tokens
         self.checkpoint_format = checkpoint_format
         self.checkpoint_shard_bytes = checkpoint_shard_bytes
         self.async_checkpoint = async_checkpoint
@@ -164,7 +168,8 @@ class MegaTrainStrategy(SingleDeviceStrategy):
                     "and the whole model is bound on the device each step. Pass layer_cls to name the layers."
                 )
             self.memory_plan = plan_memory(
-                self.model, layers, precision.compute_dtype, self.root_device, self.config.prefetch, self.optimizers, fitting
+                self.model, layers, precision.compute_dtype, self.root_device, self.config.prefetch, self.optimizers,
+                fitting, batch_tokens=self.plan_batch_tokens,
             )
             rank_zero_info(str(self.memory_plan))
             if self.check_memory:

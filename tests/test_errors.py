@@ -159,3 +159,26 @@ def test_unfreezing_during_fit_is_refused() -> None:
 
     with pytest.raises(RuntimeError, match="changed requires_grad after megatrain set up"):
         trainer("megatrain").fit(Unfreeze(), data())
+
+
+def test_memory_plan_public_function_and_device_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_megatrain import plan_memory
+    from models import HFLM
+
+    model = HFLM("llama")
+    layers = list(model.model.model.layers)
+    opt = torch.optim.AdamW(model.parameters())
+    plan = plan_memory(model, layers, torch.bfloat16, torch.device("cpu"), prefetch=2, optimizers=[opt], batch_tokens=4096)
+    n = sum(p.numel() for p in model.parameters())
+    layer_numel = sum(p.numel() for p in layers[0].parameters())
+    assert plan.params == n and plan.n_layers == 3
+    assert plan.host["fp32 master weights"] == 4 * n and plan.host["optimizer state (estimate)"] == 8 * n
+    assert plan.host["bfloat16 compute copies"] == 2 * 3 * layer_numel
+    assert plan.device["weight slots"] == 3 * 2 * layer_numel
+    assert plan.device["saved layer inputs"] == 3 * 4096 * 32 * 2  # layers x tokens x hidden x bf16
+    text = str(plan)
+    assert "saved layer inputs" in text and "fits: yes" in text
+    plan.device_free = 1000
+    assert not plan.fits()
+    with pytest.raises(MemoryPlanError, match=r"of device memory but 1000 bytes"):
+        plan.check()
