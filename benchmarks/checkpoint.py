@@ -13,13 +13,11 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import psutil
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -28,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import lightning_megatrain  # noqa: E402
 from _machine import machine  # noqa: E402
 from lightning_megatrain import checkpoint as ck  # noqa: E402
+from lightning_megatrain.memory import HostMemoryPeak  # noqa: E402
 
 
 class Block(nn.Module):
@@ -57,36 +56,6 @@ class Model(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.AdamW(self.parameters(), lr=1e-4)
-
-
-def _anon_rss() -> int:
-    """Anonymous resident memory (a copy in RAM); file-backed pages of memory-mapped shards are not counted."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return psutil.Process().memory_info().rss
-
-
-class _Peak:
-    def __enter__(self) -> _Peak:
-        self.base = self.peak = _anon_rss()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _anon_rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._t.join()
 
 
 def _train(args: argparse.Namespace, root: Path, mode: str) -> dict[str, Any]:
@@ -152,11 +121,11 @@ def main() -> None:
         opt.step()
         state = {"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()]}
         nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3
-        with _Peak() as save_mem:
+        with HostMemoryPeak() as save_mem:
             t0 = time.perf_counter()
             ck.save_sharded(state, root / "one", shard_bytes=args.shard_mib * 2**20)
             save_s = time.perf_counter() - t0
-        with _Peak() as load_mem:
+        with HostMemoryPeak() as load_mem:
             t0 = time.perf_counter()
             loaded = ck.load_sharded(root / "one")
             with torch.no_grad():
@@ -164,8 +133,8 @@ def main() -> None:
                     v.copy_(loaded["state_dict"][k])
             load_s = time.perf_counter() - t0
         single = {"state_bytes": nbytes, "save_s": save_s, "save_GBps": nbytes / save_s / 1e9,
-                  "save_peak_extra_MiB": (save_mem.peak - save_mem.base) / 2**20, "load_s": load_s,
-                  "load_peak_extra_MiB": (load_mem.peak - load_mem.base) / 2**20, "shard_MiB": args.shard_mib}
+                  "save_peak_extra_MiB": save_mem.extra / 2**20, "load_s": load_s,
+                  "load_peak_extra_MiB": load_mem.extra / 2**20, "shard_MiB": args.shard_mib}
         del model, opt, state, loaded
         runs = [_train(args, root / f"run-{m}", m) for m in ("none", "sync", "async")]
         base = runs[0]["fit_s"]

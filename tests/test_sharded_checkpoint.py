@@ -8,13 +8,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import psutil
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -22,6 +20,7 @@ from safetensors.torch import load_file
 
 from lightning_megatrain import MegaTrainStrategy
 from lightning_megatrain import checkpoint as ck
+from lightning_megatrain.memory import HostMemoryPeak
 from models import HFLM, BlockLM, data, trainer
 
 HERE = Path(__file__).parent
@@ -59,35 +58,6 @@ def test_layout_names_shards_and_safetensors_compatibility(tmp_path: Path) -> No
     assert any(k.endswith(".exp_avg") for k in opt) and (d / ck.STATE_FILE).stat().st_size < 64 * 1024
 
 
-def _rss() -> int:
-    return psutil.Process().memory_info().rss
-
-
-class _Peak:
-    """Samples this process's RSS on a thread; the peak above the starting value."""
-
-    def __enter__(self) -> _Peak:
-        self.base = self.peak = _rss()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.0005)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _rss())
-
-    @property
-    def extra(self) -> int:
-        return self.peak - self.base
-
-
 def test_save_and_load_use_about_one_shard_of_extra_host_memory(tmp_path: Path) -> None:
     torch.manual_seed(0)
     d, n = 1024, 24  # ~100M parameters of weights + Adam state: a full copy would be ~1.2 GB
@@ -99,10 +69,10 @@ def test_save_and_load_use_about_one_shard_of_extra_host_memory(tmp_path: Path) 
     checkpoint = {"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()], "epoch": 0}
     total = sum(t.numel() * 4 for t in model.state_dict().values()) * 3
     shard = 16 * 1024**2
-    with _Peak() as save_peak:
+    with HostMemoryPeak() as save_peak:
         ck.save_sharded(checkpoint, tmp_path / "big", shard_bytes=shard)
     assert save_peak.extra < 4 * shard, f"save used {save_peak.extra / 2**20:.0f} MiB extra for {total / 2**20:.0f} MiB of state"
-    with _Peak() as load_peak:
+    with HostMemoryPeak() as load_peak:
         loaded = ck.load_sharded(tmp_path / "big")
     assert load_peak.extra < 4 * shard, f"load used {load_peak.extra / 2**20:.0f} MiB extra"
     with torch.no_grad():
