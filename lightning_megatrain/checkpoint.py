@@ -552,7 +552,16 @@ def export_hf(
     else:
         state = read_index(source, MODEL_INDEX)
         prefix = prefix or ""
-    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    weights: dict[str, Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for k, v in state.items():
+        if not k.startswith(prefix):
+            continue
+        key = (v.data_ptr(), tuple(v.shape))
+        if v.numel() and key in seen:
+            continue  # a tied weight (lm_head = embed_tokens): HF writes it once and ties on load
+        seen.add(key)
+        weights[k[len(prefix) :]] = v
     if not weights:
         raise ValueError(f"no tensor name starts with prefix {prefix!r}")
     out = Path(out_dir)

@@ -60,9 +60,11 @@ def chunked_linear_cross_entropy(
         F.cross_entropy(logits, target.flatten(), ignore_index=ignore_index, reduction=reduction)
 
     (``"none"`` returns the per-token losses in ``target``'s shape), without ever allocating the
-    ``N x V`` logits of the ``N = hidden.numel() // H`` tokens: ``N*V*4`` bytes are never allocated,
-    the peak is about two ``chunk_size x V`` fp32 buffers (three with ``logit_softcap``) plus a
-    ``chunk_size x V`` buffer in the matmul dtype when that is not fp32.
+    ``N x V`` logits of the ``N = hidden.numel() // H`` tokens: ``N*V*4`` bytes are never allocated.
+    The working set is ``chunk_size*V*4`` bytes with fp32 matmuls (softmax and its gradient are
+    computed in place in one buffer; twice that with ``logit_softcap``), ``chunk_size*V*6`` bytes
+    with bf16/fp16 matmuls (the fp32 buffer plus the half-precision logits or logits' gradient),
+    on top of the gradients, which are the size of ``hidden`` and ``weight`` (fp32 for ``weight``).
 
     Args:
         hidden: ``(..., H)`` last hidden states (the lm-head input).

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 import torch
@@ -227,3 +228,28 @@ class HostMemoryPeak:
     @property
     def extra(self) -> int:
         return self.peak - self.base
+
+
+def peak_rss_growth(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn``; return its result and the peak resident memory above the level before it, in bytes
+    (Linux: the kernel's exact high-water mark, reset first; elsewhere: sampled by :class:`HostMemoryPeak`)."""
+    import re
+    from pathlib import Path
+
+    status = Path("/proc/self/status")
+
+    def read(key: str) -> int:
+        match = re.search(rf"^{key}:\s+(\d+) kB", status.read_text(), re.M)
+        if match is None:
+            raise OSError(f"no {key} in {status}")
+        return int(match.group(1)) * 1024
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        base = read("VmRSS")
+    except OSError:
+        with HostMemoryPeak() as peak:
+            out = fn()
+        return out, peak.extra
+    out = fn()
+    return out, read("VmHWM") - base

@@ -35,13 +35,13 @@ TINY_MODEL = [
 ]
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _run(args: list[str], cwd: Path, script: Path = SCRIPT) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     # the checkout's package, not whatever else may be installed
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["CUDA_VISIBLE_DEVICES"] = ""  # these tests pin the CPU; keep a present GPU out of the picture
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, str(script), *args],
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
@@ -147,3 +147,221 @@ def test_warmup_cosine_schedule(example: ModuleType) -> None:
     assert f(20, 4, 20) == pytest.approx(0.1)
     assert f(100, 4, 20) == pytest.approx(0.1)  # past the end: stays at the floor
     assert f(0, 0, 1) == pytest.approx(1.0)  # no warmup
+
+
+# ----------------------------------------------------------------------------- GPU-sized configs
+BIG_CONFIGS = ["llama_1b", "llama_7b", "llama_14b"]
+# The big configs with their sizes cut down and the device pinned to the CPU: everything else (strategy
+# class_path and its options, precision key, callbacks, schedule, data keys) comes from the file.
+TINY_OVERRIDES = [
+    "--trainer.accelerator=cpu",
+    "--trainer.precision=32-true",
+    "--model.hidden_size=32",
+    "--model.intermediate_size=64",
+    "--model.num_layers=2",
+    "--model.num_heads=4",
+    "--model.num_kv_heads=2",
+    "--model.warmup_steps=1",
+    "--data.seq_len=32",
+    "--data.batch_size=4",
+    "--trainer.val_check_interval=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.logger=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+@pytest.mark.parametrize("name", BIG_CONFIGS)
+def test_gpu_config_runs_at_tiny_size(example: ModuleType, name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process (a subprocess per config would cost ~10 s of imports each): parse the real file with tiny
+    overrides, check what it asks for, train two steps with a checkpoint each step, then resume one more."""
+    import yaml
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_megatrain import MegaTrainStrategy
+
+    config = REPO / "examples" / "configs" / f"{name}.yaml"
+    raw = yaml.safe_load(config.read_text())
+    assert raw["trainer"]["accelerator"] == "cuda" and raw["trainer"]["precision"] == "bf16-mixed"
+    assert raw["data"]["seq_len"] * raw["data"]["batch_size"] * raw["trainer"].get("accumulate_grad_batches", 1) >= 16384
+    header = config.read_text().split("seed_everything")[0]
+    assert "parameters" in header and "Host RAM" in header
+
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT)])  # pytest's own arguments are not the CLI's
+
+    def cli(root: Path, *extra: str):  # type: ignore[no-untyped-def]
+        return example.main([f"--config={config}", *TINY_OVERRIDES, f"--trainer.default_root_dir={root}", *extra], run=False)
+
+    first = cli(tmp_path, "--trainer.max_steps=2")
+    strategy = first.trainer.strategy
+    assert isinstance(strategy, MegaTrainStrategy)
+    assert strategy.config.prefetch == 2 and strategy.async_checkpoint and strategy.checkpoint_format == "sharded"
+    (checkpoint_cb,) = [c for c in first.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert checkpoint_cb._every_n_train_steps >= 100  # the file's interval; shortened below to exercise it
+    checkpoint_cb._every_n_train_steps = 1
+    assert first.model.hparams.max_position_embeddings == 32  # linked to data.seq_len
+    first.trainer.fit(first.model, first.datamodule)
+    assert first.trainer.global_step == 2
+
+    saved = sorted((tmp_path / "checkpoints").iterdir())
+    assert [p.name for p in saved] == ["step0000002.ckpt"], saved  # save_top_k=1: the step-1 one was removed
+    assert (saved[0] / "megatrain.json").is_file()  # sharded, written asynchronously
+
+    resumed = cli(tmp_path / "resumed", "--trainer.max_steps=3")
+    for cb in resumed.trainer.checkpoint_callbacks:
+        cb._every_n_train_steps = 1  # as when the checkpoint was written (Lightning matches callback states)
+    resumed.trainer.fit(resumed.model, resumed.datamodule, ckpt_path=str(saved[0]))
+    assert resumed.trainer.global_step == 3
+
+
+# ----------------------------------------------------------------------------- fine-tuning an HF model
+FINETUNE = REPO / "examples" / "finetune_hf.py"
+
+
+@pytest.fixture(scope="module")
+def finetune_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("finetune_hf_example", FINETUNE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_hf_dir(path: Path, vocab_size: int = 256, tie: bool = True) -> "torch.nn.Module":
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def test_finetune_hf_trains_and_exports(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    base = _tiny_hf_dir(tmp_path / "base")  # tied embeddings: the file holds no lm_head.weight
+    export = tmp_path / "export"
+    proc = _run(
+        [
+            "fit",
+            f"--model.pretrained_path={tmp_path / 'base'}",
+            f"--model.export_dir={export}",
+            "--model.lr=0.01",
+            "--model.warmup_steps=1",
+            "--trainer.accelerator=cpu",
+            "--trainer.max_steps=3",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--data.seq_len=32",
+            "--data.batch_size=4",
+        ],
+        cwd=tmp_path,
+        script=FINETUNE,
+    )
+    assert "megatrain memory plan" in proc.stdout and "2 streamed layers" in proc.stdout
+    assert "max_steps=3` reached" in proc.stdout
+
+    tuned = AutoModelForCausalLM.from_pretrained(export)
+    assert tuned.config.tie_word_embeddings and tuned.lm_head.weight is tuned.model.embed_tokens.weight
+    before, after = base.state_dict(), tuned.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.isfinite(t).all() for t in after.values())
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert "model.embed_tokens.weight" in changed and "model.layers.1.mlp.down_proj.weight" in changed, changed
+    # it started from the pretrained weights, not from a fresh initialisation: 3 small steps stay close
+    delta = (after["model.layers.0.self_attn.q_proj.weight"] - before["model.layers.0.self_attn.q_proj.weight"]).abs().max()
+    assert 0 < delta < 0.1
+
+
+def test_finetune_data_byte_fallback_and_tokenizer(finetune_example: ModuleType, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = CORPUS.read_text(encoding="utf-8")
+
+    # no tokenizer, vocab >= 256: bytes
+    _tiny_hf_dir(tmp_path / "bytes")
+    dm = finetune_example.TextDataModule(tokenizer_path=str(tmp_path / "bytes"), seq_len=16, batch_size=2)
+    dm.setup("fit")
+    assert len(dm.train_set.data) + len(dm.val_set.data) == len(text.encode("utf-8"))
+
+    # no tokenizer, vocab < 256: refused, with the reason
+    _tiny_hf_dir(tmp_path / "small", vocab_size=100)
+    with pytest.raises(ValueError, match="vocab_size >= 256"):
+        finetune_example.TextDataModule(tokenizer_path=str(tmp_path / "small"), seq_len=16).setup("fit")
+    # longer windows than the model's positions: refused
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        finetune_example.TextDataModule(tokenizer_path=str(tmp_path / "bytes"), seq_len=65).setup("fit")
+
+    # a tokenizer in the directory is used
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(text.splitlines()[:200], trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"]))
+    _tiny_hf_dir(tmp_path / "tok", vocab_size=200)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(tmp_path / "tok")
+    assert finetune_example.has_tokenizer(tmp_path / "tok")
+    dm = finetune_example.TextDataModule(tokenizer_path=str(tmp_path / "tok"), seq_len=16, batch_size=2)
+    dm.setup("fit")
+    n_tokens = len(dm.train_set.data) + len(dm.val_set.data)
+    assert 0 < n_tokens < len(text) // 2  # words, not bytes
+    assert int(dm.train_set.data.max()) < 200
+    assert next(iter(dm.train_dataloader())).shape == (2, 16)
+
+
+def test_finetune_loads_fp32_and_resume_keeps_trained_weights(
+    finetune_example: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process: a bf16 checkpoint becomes fp32 host weights; a resumed fit ends with the checkpoint's
+    weights, not the pretrained ones that configure_model loads first."""
+    monkeypatch.setattr(sys, "argv", [str(FINETUNE)])
+    base = _tiny_hf_dir(tmp_path / "base", tie=False).to(torch.bfloat16)
+    base.save_pretrained(tmp_path / "base", safe_serialization=True)
+    args = [
+        f"--model.pretrained_path={tmp_path / 'base'}",
+        "--model.lr=0.01",
+        "--model.warmup_steps=1",
+        "--trainer.accelerator=cpu",
+        "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--data.seq_len=16",
+        "--data.batch_size=2",
+    ]
+    first = finetune_example.main([*args, "--trainer.max_steps=2"], run=False)
+    assert all(p.dtype == torch.float32 for p in first.model.parameters())
+    first.trainer.fit(first.model, first.datamodule)
+    ckpt = tmp_path / "two_steps.ckpt"
+    first.trainer.save_checkpoint(ckpt)
+    trained = {k: v.clone() for k, v in first.model.model.state_dict().items()}
+    for k, v in base.state_dict().items():
+        assert not torch.equal(trained[k].to(torch.bfloat16), v) or trained[k].ndim < 2, k
+
+    resumed = finetune_example.main([*args, "--trainer.max_steps=2"], run=False)
+    resumed.trainer.fit(resumed.model, resumed.datamodule, ckpt_path=str(ckpt))  # max_steps reached: no step
+    assert resumed.trainer.global_step == 2
+    after = resumed.model.model.state_dict()
+    assert all(torch.equal(after[k], trained[k]) for k in trained)
+
+    fresh = finetune_example.main([*args, "--trainer.max_steps=0"], run=False)
+    fresh.model.configure_model()
+    loaded = fresh.model.model.state_dict()
+    assert all(torch.equal(loaded[k], v.float()) for k, v in base.state_dict().items())  # bf16 -> fp32 exactly

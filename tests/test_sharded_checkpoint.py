@@ -128,7 +128,10 @@ def test_export_to_hf_and_load_hf_weights(tmp_path: Path) -> None:
     trainer("megatrain", max_steps=2).fit(lm, data())
     out = ck.export_hf(lm, tmp_path / "hf", shard_bytes=64 * 1024)
     assert (out / "model.safetensors.index.json").is_file() and (out / "config.json").is_file()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert "lm_head.weight" not in index["weight_map"]  # tied: written once, as HF does
     hf = transformers.LlamaForCausalLM.from_pretrained(out)
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
     for name, p in hf.state_dict().items():
         torch.testing.assert_close(p, lm.model.state_dict()[name], rtol=0, atol=0, msg=name)
     # from a megatrain checkpoint directory, with an explicit prefix and config

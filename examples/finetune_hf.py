@@ -1,0 +1,301 @@
+"""Fine-tune a Hugging Face causal LM from a local directory with ``strategy="megatrain"``.
+
+The directory is what ``save_pretrained`` writes: ``config.json`` and safetensors weights (one file or a
+sharded index), optionally a tokenizer. Nothing is downloaded:
+
+    python examples/finetune_hf.py fit --model.pretrained_path=/models/llama-7b            # shipped corpus
+    python examples/finetune_hf.py fit --model.pretrained_path=/models/llama-7b \\
+        --data.path=my_text.txt --data.seq_len=2048 --data.batch_size=4 \\
+        --trainer.precision=bf16-mixed --trainer.max_steps=500 --model.export_dir=out/llama-7b-ft
+    python examples/finetune_hf.py fit --print_config                                       # every option
+
+The model is built from its config in fp32 on the CPU (``AutoModelForCausalLM.from_config``, weight
+initialisation skipped since every weight is overwritten), then the weights are copied into it with
+:func:`lightning_megatrain.checkpoint.load_hf_weights`, memory-mapped one tensor at a time, so a model
+larger than GPU memory never touches the GPU as a whole: megatrain keeps it in host memory and streams
+its layers. With ``--model.export_dir`` the fine-tuned weights are written in Hugging Face layout at the
+end of ``fit`` (with the config and, if the source had one, the tokenizer), ready for ``from_pretrained``.
+
+Tokenization: with the model's tokenizer when the directory has one (``tokenizer.json``,
+``tokenizer_config.json`` or ``tokenizer.model``). Without one the text is fed as raw UTF-8 bytes, token
+id = byte value, which needs ``vocab_size >= 256`` (checked, with an error otherwise). This byte-level
+fallback is meant for models trained on bytes and for tests; for a model with a real vocabulary the
+byte ids are meaningless tokens, so ship its tokenizer in the directory.
+
+Resuming an interrupted fine-tune: ``fit --ckpt_path=<checkpoint>`` restores the trained weights over
+the pretrained ones (the checkpoint is loaded after the pretrained weights).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import transformers
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from packaging.version import Version
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import lightning_megatrain  # noqa: F401  # registers strategy="megatrain" for the CLI
+from lightning_megatrain.checkpoint import export_hf, load_hf_weights
+
+try:  # transformers >= 5
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4.x
+    from transformers.modeling_utils import no_init_weights
+
+# from_config's dtype argument: "torch_dtype" before transformers 4.56
+DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "tiny_corpus.txt"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# Files of the source directory that describe the model but are not weights: copied along on export.
+EXTRA_FILES = ("generation_config.json",)
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_config(pretrained_path: str | Path) -> Any:
+    path = Path(pretrained_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: expected a directory written by save_pretrained")
+    return AutoConfig.from_pretrained(path)
+
+
+class TokenWindows(Dataset):
+    """Fixed-length windows over a token stream; labels are the inputs (HF shifts them)."""
+
+    def __init__(self, data: Tensor, seq_len: int) -> None:
+        self.data = data
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return len(self.data) // self.seq_len
+
+    def __getitem__(self, i: int) -> Tensor:
+        start = i * self.seq_len
+        return self.data[start : start + self.seq_len].long()
+
+
+class TextDataModule(pl.LightningDataModule):
+    """A UTF-8 text file as tokens, split into a train head and a validation tail.
+
+    Args:
+        path: the text file; ``None`` means the corpus shipped with the examples.
+        tokenizer_path: where to look for a tokenizer and the model config; linked to
+            ``model.pretrained_path`` by the CLI.
+        seq_len: tokens per window (at most the model's ``max_position_embeddings``).
+        batch_size: windows per batch.
+        val_fraction: share of the tokens, from the end, held out for validation.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        tokenizer_path: Optional[str] = None,
+        seq_len: int = 256,
+        batch_size: int = 8,
+        val_fraction: float = 0.05,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2 (a causal LM needs a next token), got {seq_len}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.path = Path(path) if path is not None else DEFAULT_CORPUS
+        self.train_set: Optional[TokenWindows] = None
+        self.val_set: Optional[TokenWindows] = None
+
+    def tokenize(self, text: str) -> Tensor:
+        """The text as a 1-D tensor of token ids: the model's tokenizer, else bytes (see the module docstring)."""
+        directory = self.hparams.tokenizer_path
+        config = load_config(directory) if directory is not None else None
+        vocab_size = getattr(config, "vocab_size", None) if config is not None else None
+        max_positions = getattr(config, "max_position_embeddings", None) if config is not None else None
+        if max_positions is not None and self.hparams.seq_len > max_positions:
+            raise ValueError(f"seq_len={self.hparams.seq_len} exceeds the model's max_position_embeddings={max_positions}")
+        if directory is not None and has_tokenizer(directory):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+            ids: list[int] = []
+            # line blocks: bounded memory per call, and no "sequence longer than the model" warning
+            lines = text.splitlines(keepends=True)
+            for i in range(0, len(lines), 1000):
+                ids += tokenizer("".join(lines[i : i + 1000]), add_special_tokens=False)["input_ids"]
+            return torch.tensor(ids, dtype=torch.int32)  # windows are cast to int64 one at a time
+        if vocab_size is not None and vocab_size < 256:
+            raise ValueError(
+                f"{directory} has no tokenizer, and the byte-level fallback needs vocab_size >= 256 "
+                f"(one id per byte value), but the model has vocab_size={vocab_size}. Add the model's tokenizer "
+                "to the directory (tokenizer.save_pretrained)."
+            )
+        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+
+    def setup(self, stage: str) -> None:
+        if self.train_set is not None:
+            return
+        data = self.tokenize(self.path.read_text(encoding="utf-8"))
+        seq_len = self.hparams.seq_len
+        n_val = int(len(data) * self.hparams.val_fraction)
+        if n_val and n_val < seq_len:
+            n_val = seq_len  # at least one validation window
+        self.train_set = TokenWindows(data[: len(data) - n_val], seq_len)
+        self.val_set = TokenWindows(data[len(data) - n_val :], seq_len)
+        if len(self.train_set) < 1:
+            raise ValueError(
+                f"{self.path} gives {len(data)} tokens: too few for seq_len={seq_len} "
+                f"with val_fraction={self.hparams.val_fraction}"
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None
+        return DataLoader(
+            self.train_set,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            drop_last=len(self.train_set) >= self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> Any:
+        assert self.val_set is not None
+        if len(self.val_set) == 0:
+            return []
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+
+
+class HFCausalLMFinetune(pl.LightningModule):
+    """A pretrained HF causal LM and its causal LM loss.
+
+    Args:
+        pretrained_path: a local directory written by ``save_pretrained`` (config.json + safetensors).
+        lr: peak learning rate, reached after the warmup.
+        weight_decay: AdamW decoupled decay, applied to matrices only (not norms or biases).
+        warmup_steps: linear warmup length; a cosine decay to 10% of ``lr`` follows.
+        export_dir: if given, the fine-tuned weights are written there in HF layout when ``fit`` ends.
+    """
+
+    def __init__(
+        self,
+        pretrained_path: str,
+        lr: float = 2e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        export_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        config = load_config(pretrained_path)
+        # fp32 on the CPU whatever dtype config.json names: megatrain keeps fp32 masters in host memory and the
+        # precision flag picks the compute dtype. Random initialisation is skipped: load_hf_weights overwrites
+        # every weight (strictly: a weight missing from the files is an error, not a random leftover).
+        with torch.device("cpu"), no_init_weights():
+            self.model = AutoModelForCausalLM.from_config(config, **{DTYPE_KWARG: torch.float32})
+        self.model.tie_weights()  # no_init_weights also skips the tying of tied embeddings
+        self._weights_loaded = False
+
+    def configure_model(self) -> None:
+        # Before megatrain's setup and before a ckpt_path restore, so a resumed run keeps its trained weights.
+        if not self._weights_loaded:
+            load_hf_weights(self, self.hparams.pretrained_path)
+            self._weights_loaded = True
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def _loss(self, batch: Tensor) -> Tensor:
+        return self.model(input_ids=batch, labels=batch, use_cache=False).loss
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch.shape[0])
+        self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=batch.shape[0])
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("val_loss", loss, prog_bar=True, batch_size=batch.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.lr,
+            betas=(0.9, 0.95),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.hparams.warmup_steps, total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir is None or not self.trainer.is_global_zero:
+            return
+        out = Path(self.hparams.export_dir)
+        # straight from the host memory megatrain trains in (state_dict waits for the last optimizer step)
+        export_hf(self, out)
+        source = Path(self.hparams.pretrained_path)
+        for name in EXTRA_FILES:
+            if (source / name).is_file():
+                shutil.copy(source / name, out / name)
+        if has_tokenizer(source):
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(source).save_pretrained(out)
+        print(f"fine-tuned weights exported in Hugging Face layout to {out}")
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """LR multiplier: linear ramp over ``warmup`` steps, then cosine down to ``floor`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class FinetuneCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The data module finds the tokenizer (and checks vocab_size / positions) in the model's directory.
+        parser.link_arguments("model.pretrained_path", "data.tokenizer_path")
+
+
+def main(args: Optional[list[str]] = None, run: bool = True) -> FinetuneCLI:
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+    return FinetuneCLI(
+        HFCausalLMFinetune,
+        TextDataModule,
+        trainer_defaults={
+            "strategy": "megatrain",
+            "max_steps": 100,
+            "log_every_n_steps": 5,
+            "accelerator": "auto",
+            "devices": 1,
+        },
+        seed_everything_default=1234,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    main()
