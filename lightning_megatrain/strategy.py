@@ -46,6 +46,9 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         fused_optimizer: switch Adam/AdamW/SGD to torch's fused CPU kernel when the user did not choose
             an implementation (same update, ~10x faster on the host).
         check_memory: refuse to start, before allocating, when the memory plan does not fit this machine.
+        offload_activations: keep each streamed layer's saved input in (pinned) host memory between
+            forward and backward, copied out on the D2H stream and prefetched back one layer ahead of its
+            backward: for long sequences, where the saved inputs rather than the weights fill the GPU.
         plan_batch_tokens: tokens per micro-batch, so the memory plan includes the saved layer inputs and
             one layer's working set on the device (otherwise it covers weights, gradients and buffers only).
         checkpoint_format: ``"sharded"`` writes a directory of safetensors shards streamed from host memory
@@ -67,6 +70,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         fused_optimizer: bool = True,
         check_memory: bool = True,
         plan_batch_tokens: Optional[int] = None,
+        offload_activations: bool = False,
         checkpoint_format: Literal["sharded", "single_file"] = "sharded",
         checkpoint_shard_bytes: int = DEFAULT_SHARD_BYTES,
         async_checkpoint: bool = False,
@@ -98,6 +102,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             prefetch=prefetch,
             pin_memory=pin_memory,
             fused_optimizer=fused_optimizer,
+            offload_activations=offload_activations,
         )
         self.check_memory = check_memory
         self.plan_batch_tokens = plan_batch_tokens

@@ -41,6 +41,8 @@ class LayerCall:
         self.in_leaves = flat
         self.tensor_pos = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
         self.out_spec: Any = None
+        self.offloaded: dict[int, Any] = {}  # input position -> _Offloaded (activation offload)
+        self.seq = -1  # position among this step's offloading calls
         self.out_leaves: list[Any] = []
         self.out_pos: list[int] = []
         device = runtime.device
@@ -105,14 +107,17 @@ class LayerFunction(torch.autograd.Function):
         ctx.call = call
         out = call.runtime.run_forward(call, tensors)
         outs = call.split_output(out)
-        ctx.save_for_backward(*tensors)
+        kept = call.runtime.save_inputs(call, tensors)  # None where the input went to host memory
+        ctx.kept = [t is not None for t in kept]
+        ctx.save_for_backward(*[t for t in kept if t is not None])
         ctx.mark_non_differentiable(*[o for o in outs if not (o.is_floating_point() or o.is_complex())])
         return tuple(outs)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> Any:  # type: ignore[override]
         call: LayerCall = ctx.call
-        inputs = ctx.saved_tensors
+        saved = iter(ctx.saved_tensors)
+        inputs = call.runtime.restore_inputs(call, [next(saved) if k else None for k in ctx.kept])
         needs = ctx.needs_input_grad[2:]
         detached = [t.detach().requires_grad_(n) if n else t.detach() for t, n in zip(inputs, needs)]
         grads = call.runtime.run_backward(call, detached, [t for t, n in zip(detached, needs) if n], grad_outputs)

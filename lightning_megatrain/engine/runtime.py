@@ -31,6 +31,18 @@ class Stats:
     optimizer_s: float = 0.0  # host worker time in optimizer updates
     accumulate_s: float = 0.0  # host worker time adding gradients into the fp32 .grad
     transfer_wait_s: float = 0.0  # device time the compute stream waited for weight copies (CUDA only)
+    offload_bytes: int = 0  # saved layer inputs copied to host memory (offload_activations)
+
+
+@dataclass
+class _Offloaded:
+    """One saved layer input kept in host memory between forward and backward."""
+
+    host: torch.Tensor
+    shape: torch.Size
+    done: Any  # D2H finished
+    device: torch.Tensor | None = None  # fetched back for backward
+    ready: Any = None  # H2D finished
 
 
 @dataclass
@@ -42,6 +54,7 @@ class RuntimeConfig:
     pin_memory: bool = True
     fused_optimizer: bool = True
     grads: bool = True  # False for validate/test/predict: no gradient memory at all
+    offload_activations: bool = False
 
 
 class Runtime:
@@ -106,6 +119,9 @@ class Runtime:
         # uses it to hold each layer's update until that layer's tensors are written.
         self.gate: Callable[[int], None] | None = None
         self._stats = Stats()
+        self._calls: list[LayerCall] = []  # this step's layer calls with offloaded inputs, in forward order
+        self._act_used = 0  # host buffers handed out this step
+        self._act_arenas: list[HostArena] = []  # host buffers for offloaded inputs, reused step to step
 
     # ----------------------------------------------------------------- setup
     _GUARDED = ("parameters", "named_parameters", "state_dict", "load_state_dict", "zero_grad")
@@ -239,6 +255,9 @@ class Runtime:
         out.h2d_bytes += self.slots.take_bytes() if self.slots is not None else 0
         if reset:
             self._stats = Stats()
+        self._calls: list[LayerCall] = []  # this step's layer calls with offloaded inputs, in forward order
+        self._act_used = 0  # host buffers handed out this step
+        self._act_arenas: list[HostArena] = []  # host buffers for offloaded inputs, reused step to step
         return out
 
     def _wait_ticket(self, ticket: int) -> None:
@@ -262,6 +281,8 @@ class Runtime:
                 self._bound -= 1
             return
         self._leaves = []
+        self._calls = []
+        self._act_used = 0
         self.slots.invalidate()
         for unit in self.layer_units:
             self._check_trainable(unit)
@@ -409,6 +430,83 @@ class Runtime:
             unit.unbind()
             self.slots.end_use(slot)
 
+    # ----------------------------------------------------------------- activation offload
+    def save_inputs(self, call: LayerCall, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The inputs to keep for backward; with ``offload_activations`` the ones that need a gradient
+        (the hidden states) are copied to host memory on the D2H stream instead."""
+        if not self.config.offload_activations:
+            return list(tensors)
+        kept: list[torch.Tensor | None] = []
+        for i, t in enumerate(tensors):
+            if t.requires_grad and t.is_floating_point() and t.numel():
+                call.offloaded[i] = self._offload(t)
+                kept.append(None)
+            else:
+                kept.append(t)
+        if call.offloaded:
+            call.seq = len(self._calls)
+            self._calls.append(call)
+        return kept
+
+    def _host_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        index = self._act_used
+        self._act_used += 1
+        pin = self.config.pin_memory and self.device.type == "cuda"
+        if index < len(self._act_arenas):
+            arena = self._act_arenas[index]
+            buf = arena.buffers[0] if arena.buffers else None
+            if buf is not None and buf.dtype == dtype and buf.numel() == numel:
+                return buf
+            arena.release()
+            self._act_arenas[index] = arena = HostArena([(numel, dtype)], pin=pin)
+        else:
+            arena = HostArena([(numel, dtype)], pin=pin)
+            self._act_arenas.append(arena)
+        return arena.buffers[0]
+
+    def _offload(self, t: torch.Tensor) -> _Offloaded:
+        streams = self.streams
+        host = self._host_buffer(t.numel(), t.dtype)
+        produced = streams.event()
+        produced.record(streams.compute())
+        streams.wait(streams.d2h, produced)
+        if streams.cuda:
+            t.record_stream(streams.d2h)  # the copy reads it after the caller may have dropped it
+        streams.copy(streams.d2h, host.view(t.shape), t.detach())
+        done = streams.event()
+        done.record(streams.d2h)
+        self._stats.offload_bytes += t.numel() * t.element_size()
+        return _Offloaded(host=host, shape=t.shape, done=done)
+
+    def _fetch(self, record: _Offloaded) -> None:
+        if record.device is not None:
+            return
+        streams = self.streams
+        record.device = torch.empty(record.shape, dtype=record.host.dtype, device=self.device)
+        streams.wait(streams.h2d, record.done)
+        streams.copy(streams.h2d, record.device, record.host.view(record.shape))
+        record.ready = streams.event()
+        record.ready.record(streams.h2d)
+
+    def restore_inputs(self, call: LayerCall, kept: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """The layer's inputs for its recompute: offloaded ones come back from host memory (already
+        on their way if the previous backward prefetched them), and the next layer's are started."""
+        if not call.offloaded:
+            return kept  # type: ignore[return-value]
+        for record in call.offloaded.values():
+            self._fetch(record)
+        if call.seq > 0:
+            for record in self._calls[call.seq - 1].offloaded.values():
+                self._fetch(record)  # prefetch for the next backward
+        out = list(kept)
+        compute = self.streams.compute()
+        for i, record in call.offloaded.items():
+            self.streams.wait(compute, record.ready)
+            out[i] = record.device
+            record.device = None
+        call.offloaded = {}
+        return out  # type: ignore[return-value]
+
     def run_backward(
         self, call: LayerCall, inputs: list[torch.Tensor], wrt: list[torch.Tensor], grad_outputs: Sequence[torch.Tensor | None]
     ) -> list[torch.Tensor | None]:
@@ -486,6 +584,9 @@ class Runtime:
             unit.unbind()
             unit.detach()
         self.units = []
+        for act in getattr(self, "_act_arenas", []):
+            act.release()
+        self._act_arenas = []
         arena = getattr(self, "_channel_arena", None)
         if arena is not None:
             arena.release()
