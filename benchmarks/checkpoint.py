@@ -96,7 +96,7 @@ def _train(args: argparse.Namespace, root: Path, mode: str) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def main(argv: "list[str] | None" = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=12)
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--dir", default=None, help="where checkpoints are written (default: a temporary directory)")
     parser.add_argument("--out", default=None, help="write the results here as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)

@@ -90,7 +90,7 @@ def run_one(
     }
 
 
-def main() -> None:
+def main(argv: "list[str] | None" = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["1024x32000", "2048x32000", "4096x32000"],
                         help="TOKENSxVOCAB pairs (tokens = batch * sequence length)")
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast (matmuls in bf16, softmax in fp32)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     meter = PeakMeter(device)
