@@ -20,14 +20,19 @@ if TYPE_CHECKING:
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
 
 
-def strip_caches(kwargs: dict[str, Any]) -> dict[str, Any]:
-    out = dict(kwargs)
-    for key in _CACHE_KWARGS:
-        if out.get(key) is not None:
-            out[key] = None
+def _is_cache(x: Any) -> bool:
+    """A key-value cache object (transformers' ``Cache`` protocol), passed by keyword or by position."""
+    return not isinstance(x, torch.Tensor) and callable(getattr(x, "update", None)) and (
+        callable(getattr(x, "get_seq_length", None)) or any(c.__name__ == "Cache" for c in type(x).__mro__)
+    )
+
+
+def strip_caches(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    args = tuple(None if _is_cache(a) else a for a in args)
+    out = {k: None if (k in _CACHE_KWARGS and v is not None) or _is_cache(v) else v for k, v in kwargs.items()}
     if out.get("use_cache"):
         out["use_cache"] = False
-    return out
+    return args, out
 
 
 class LayerCall:

@@ -57,6 +57,20 @@ class RuntimeConfig:
     offload_activations: bool = False
 
 
+def _check_side_outputs(module: nn.Module) -> None:
+    """Refuse what megatrain would silently get wrong: a loss built from tensors captured inside a
+    streamed layer (HF's router logits are recorded by forward hooks inside each decoder layer)."""
+    for m in module.modules():
+        config = getattr(m, "config", None)
+        if getattr(config, "output_router_logits", False) is True:
+            raise ValueError(
+                f"{type(m).__name__} has config.output_router_logits=True: its router auxiliary loss is computed from "
+                "router logits recorded by hooks inside each decoder layer, which megatrain runs without an autograd "
+                "graph (the layer is recomputed in backward), so that loss would send no gradient to the routers. Set "
+                "config.output_router_logits=False, or compute the auxiliary loss inside the layer's own outputs."
+            )
+
+
 class Runtime:
     """Host-resident training state of one module and the machinery that streams it through a device."""
 
@@ -76,6 +90,7 @@ class Runtime:
         self.compute_dtype = compute_dtype
         self.layers = find_layers(module, config.layer_cls)
         self._check_sharing()
+        _check_side_outputs(module)
         for name, p in module.named_parameters():
             if p.dtype != torch.float32:
                 raise TypeError(
@@ -401,7 +416,7 @@ class Runtime:
 
     def _run_layer(self, unit: Unit, fn: Any, args: tuple, kwargs: dict) -> Any:
         if torch.is_grad_enabled():
-            call = LayerCall(self, unit, fn, args, strip_caches(kwargs))
+            call = LayerCall(self, unit, fn, *strip_caches(args, kwargs))
             tensors = call.tensors()
             if unit.trainable or any(t.requires_grad for t in tensors):
                 outs = LayerFunction.apply(call, self._anchor, *tensors)
