@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -26,3 +28,10 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def save_json(path: "str | Path | None", result: dict[str, Any]) -> None:
+    """Write a benchmark's result (with its machine) where ``--out`` says, if it says."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=1) + "\n")

@@ -9,7 +9,6 @@ Runs on the GPU when there is one, otherwise on the CPU. Prints a table and writ
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 import lightning_megatrain  # noqa: E402
-from _machine import machine  # noqa: E402
+from _machine import machine, save_json  # noqa: E402
 from lightning_megatrain import checkpoint as ck  # noqa: E402
 from lightning_megatrain.memory import HostMemoryPeak  # noqa: E402
 
@@ -150,9 +149,7 @@ def main(argv: "list[str] | None" = None) -> None:
     for r in runs:
         cost = f"{r['overhead_per_checkpoint_s']:.2f}" if "overhead_per_checkpoint_s" in r else "-"
         print(f"{r['mode']:<12}{r['params']:>12,}{args.steps:>6}{r['checkpoints']:>6}{r['fit_s']:>8.1f}{r['median_step_s']:>14.2f}{r['max_step_s']:>11.2f}{cost:>16}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    save_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ table and writes JSON with the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import machine  # noqa: E402
+from _machine import machine, save_json  # noqa: E402
 from lightning_megatrain.losses import chunked_linear_cross_entropy  # noqa: E402
 from lightning_megatrain.memory import peak_rss_growth  # noqa: E402
 
@@ -127,12 +126,9 @@ def main(argv: "list[str] | None" = None) -> None:
     diffs = [r["loss_abs_diff"] for r in rows if "loss_abs_diff" in r]
     print(f"largest |loss chunked - loss unchunked|: {max(diffs):.2e}")
 
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        result = {"benchmark": "chunked_loss", "machine": machine(), "device": str(device), "args": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "results": rows}
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    result = {"benchmark": "chunked_loss", "machine": machine(), "device": str(device), "args": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "results": rows}
+    save_json(args.out, result)
 
 
 if __name__ == "__main__":

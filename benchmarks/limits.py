@@ -20,7 +20,6 @@ trainable parameters at the measured fused-AdamW rate.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
@@ -30,7 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import machine  # noqa: E402
+from _machine import machine, save_json  # noqa: E402
 
 
 def _time(fn: Callable[[], None], device: torch.device, repeat: int = 5) -> float:
@@ -192,9 +191,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         print(f"model: {n_total:,} parameters ({n_layers:,} in streamed layers), {tokens:,} tokens per step")
         print("lower bound terms: " + ", ".join(f"{k} {v:.3f}" for k, v in bounds.items()))
         print(f"lower bound {bound:.3f} s ({max(bounds, key=bounds.get)}); megatrain step {step:.3f} s = {step / bound:.2f}x the bound")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    save_json(args.out, result)
     return result
 
 

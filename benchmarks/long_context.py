@@ -13,7 +13,6 @@ bisected to ``--resolution``. On the CPU it is a smoke run: nothing runs out of 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import machine  # noqa: E402
+from _machine import machine, save_json  # noqa: E402
 from lightning_megatrain.chunking import chunk_tokenwise  # noqa: E402
 from lightning_megatrain.engine import Runtime, RuntimeConfig  # noqa: E402
 from lightning_megatrain.losses import chunked_linear_cross_entropy  # noqa: E402
@@ -143,9 +142,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
               f"{best.get('host_peak_extra_GiB', 0):>16.2f}{limit:>18}")
     if len(runs) == 2 and runs[0]["longest"] and runs[1]["longest"]:
         print(f"offload reaches {runs[1]['longest']['length'] / runs[0]['longest']['length']:.2f}x the longest context without it")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    save_json(args.out, result)
     return result
 
 

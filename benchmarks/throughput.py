@@ -219,9 +219,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
               f"{f('mfu', '.2f'):>7}{f('gpu_peak_GiB', '.1f'):>9}{r['host_peak_GiB']:>10.1f}{f('gpu_wait_transfer_s', '.3f'):>11}"
               f"{f('host_optimizer_s', '.3f'):>11}")
     result = {"machine": machine_info, "args": {k: v for k, v in vars(args).items() if k not in ("one", "size", "result")}, "rows": rows}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    from _machine import save_json
+
+    save_json(args.out, result)
     return result
 
 

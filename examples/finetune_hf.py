@@ -28,7 +28,7 @@ the pretrained ones (the checkpoint is loaded after the pretrained weights).
 
 from __future__ import annotations
 
-import math
+import sys
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -39,10 +39,13 @@ import transformers
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from packaging.version import Version
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import lightning_megatrain  # noqa: F401  # registers strategy="megatrain" for the CLI
+sys.path.insert(0, str(Path(__file__).parent))
+from causal_lm import CausalLMModule, TokenWindows, warmup_cosine  # noqa: E402,F401  (shared by the examples)
+
+import lightning_megatrain  # noqa: E402,F401  # registers strategy="megatrain" for the CLI
 from lightning_megatrain.checkpoint import export_hf, load_hf_weights
 
 try:  # transformers >= 5
@@ -69,19 +72,6 @@ def load_config(pretrained_path: str | Path) -> Any:
     return AutoConfig.from_pretrained(path)
 
 
-class TokenWindows(Dataset):
-    """Fixed-length windows over a token stream; labels are the inputs (HF shifts them)."""
-
-    def __init__(self, data: Tensor, seq_len: int) -> None:
-        self.data = data
-        self.seq_len = seq_len
-
-    def __len__(self) -> int:
-        return len(self.data) // self.seq_len
-
-    def __getitem__(self, i: int) -> Tensor:
-        start = i * self.seq_len
-        return self.data[start : start + self.seq_len].long()
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -175,7 +165,7 @@ class TextDataModule(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
 
 
-class HFCausalLMFinetune(pl.LightningModule):
+class HFCausalLMFinetune(CausalLMModule):
     """A pretrained HF causal LM and its causal LM loss.
 
     Args:
@@ -211,41 +201,6 @@ class HFCausalLMFinetune(pl.LightningModule):
             load_hf_weights(self, self.hparams.pretrained_path)
             self._weights_loaded = True
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
-
-    def _loss(self, batch: Tensor) -> Tensor:
-        return self.model(input_ids=batch, labels=batch, use_cache=False).loss
-
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        loss = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch.shape[0])
-        self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=batch.shape[0])
-        return loss
-
-    def validation_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        loss = self._loss(batch)
-        self.log("val_loss", loss, prog_bar=True, batch_size=batch.shape[0])
-        return loss
-
-    def configure_optimizers(self) -> Any:
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.hparams.lr,
-            betas=(0.9, 0.95),
-        )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.hparams.warmup_steps, total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
-
     def on_train_end(self) -> None:
         if self.hparams.export_dir is None or not self.trainer.is_global_zero:
             return
@@ -263,12 +218,6 @@ class HFCausalLMFinetune(pl.LightningModule):
         print(f"fine-tuned weights exported in Hugging Face layout to {out}")
 
 
-def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
-    """LR multiplier: linear ramp over ``warmup`` steps, then cosine down to ``floor`` at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class FinetuneCLI(LightningCLI):

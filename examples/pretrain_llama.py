@@ -13,7 +13,7 @@ llama_14b.yaml; their headers give the parameter count and the host RAM each nee
 
 from __future__ import annotations
 
-import math
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,28 +21,18 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import lightning_megatrain  # noqa: F401  # registers strategy="megatrain" for the CLI
+sys.path.insert(0, str(Path(__file__).parent))
+from causal_lm import CausalLMModule, TokenWindows, warmup_cosine  # noqa: E402,F401  (shared by the examples)
+
+import lightning_megatrain  # noqa: E402,F401  # registers strategy="megatrain" for the CLI
 
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "tiny_corpus.txt"
 VOCAB_SIZE = 256  # one token per byte: no tokenizer to download or train
 
 
-class ByteWindows(Dataset):
-    """Fixed-length windows over a byte stream; labels are the inputs (HF shifts them)."""
-
-    def __init__(self, data: Tensor, seq_len: int) -> None:
-        self.data = data
-        self.seq_len = seq_len
-
-    def __len__(self) -> int:
-        return len(self.data) // self.seq_len
-
-    def __getitem__(self, i: int) -> Tensor:
-        start = i * self.seq_len
-        return self.data[start : start + self.seq_len].long()
 
 
 class ByteTextDataModule(pl.LightningDataModule):
@@ -73,8 +63,8 @@ class ByteTextDataModule(pl.LightningDataModule):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
         self.path = Path(path) if path is not None else DEFAULT_CORPUS
-        self.train_set: Optional[ByteWindows] = None
-        self.val_set: Optional[ByteWindows] = None
+        self.train_set: Optional[TokenWindows] = None
+        self.val_set: Optional[TokenWindows] = None
 
     def setup(self, stage: str) -> None:
         if self.train_set is not None:
@@ -86,8 +76,8 @@ class ByteTextDataModule(pl.LightningDataModule):
         if n_val and n_val < seq_len:
             n_val = seq_len  # at least one validation window
         train, val = data[: len(data) - n_val], data[len(data) - n_val :]
-        self.train_set = ByteWindows(train, seq_len)
-        self.val_set = ByteWindows(val, seq_len)
+        self.train_set = TokenWindows(train, seq_len)
+        self.val_set = TokenWindows(val, seq_len)
         if len(self.train_set) < 1:
             raise ValueError(
                 f"{self.path} has {len(raw)} bytes: too short for seq_len={seq_len} "
@@ -111,7 +101,7 @@ class ByteTextDataModule(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
 
 
-class LlamaPretrainModule(pl.LightningModule):
+class LlamaPretrainModule(CausalLMModule):
     """A randomly initialised ``LlamaForCausalLM`` and its causal LM loss.
 
     Built in ``__init__`` on purpose: under megatrain the weights live in host memory anyway, so there is
@@ -166,50 +156,8 @@ class LlamaPretrainModule(pl.LightningModule):
         )
         self.model = LlamaForCausalLM(config)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        return self.model(input_ids=input_ids).logits
-
-    def _loss(self, batch: Tensor) -> Tensor:
-        # HF shifts labels by one inside the model: position t predicts byte t+1.
-        return self.model(input_ids=batch, labels=batch).loss
-
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        loss = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch.shape[0])
-        self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=batch.shape[0])
-        return loss
-
-    def validation_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        loss = self._loss(batch)
-        self.log("val_loss", loss, prog_bar=True, batch_size=batch.shape[0])
-        return loss
-
-    def configure_optimizers(self) -> Any:
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        # fused/foreach left unset: megatrain picks torch's fused CPU kernel for the host step
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.hparams.lr,
-            betas=(0.9, 0.95),
-        )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.hparams.warmup_steps, total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
-def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
-    """LR multiplier: linear ramp over ``warmup`` steps, then cosine down to ``floor`` at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class PretrainCLI(LightningCLI):
