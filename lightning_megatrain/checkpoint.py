@@ -25,7 +25,7 @@ import struct
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -98,7 +98,7 @@ class _ShardWriter:
         self.nbytes = offset
 
     def write(self, t: Tensor) -> None:
-        self._file.write(memoryview(_raw(t)))
+        self._file.write(memoryview(_raw(t)))  # type: ignore[arg-type]
 
     def close(self) -> None:
         self._file.flush()

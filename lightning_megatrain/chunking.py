@@ -8,7 +8,6 @@ intermediates exist at a time (in megatrain's recompute and in plain training al
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -49,8 +48,3 @@ def unchunk(module: nn.Module) -> nn.Module:
         del module.__dict__["forward"]
         del module.__dict__["_megatrain_chunked"]
     return module
-
-
-def chunk_all(modules: Iterable[nn.Module], chunks: int, dim: int = 1) -> None:
-    for module in modules:
-        chunk_tokenwise(module, chunks, dim)

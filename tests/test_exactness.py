@@ -7,10 +7,9 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from torch import nn
 
 from lightning_megatrain import MegaTrainStrategy
-from models import HFLM, MLP, BlockLM, Recorder, assert_same_training, data, fit_pair
+from models import HFLM, MLP, BlockLM, assert_same_training, data, fit_pair
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -56,3 +56,19 @@ def test_offload_matches_offload_off_and_keeps_no_hidden_state_for_backward() ->
     assert saved_off.count(hidden) >= 4  # each layer's input saved on the device
     assert saved_on.count(hidden) < saved_off.count(hidden) - 3  # ... and not with offload on
     assert s_off.offload_bytes == 0 and s_on.offload_bytes == 4 * 3 * 7 * 8 * 4  # 4 layers x hidden states x fp32
+
+
+def test_offload_with_telemetry_between_steps() -> None:
+    # reading the counters between steps must not touch the offload buffers
+    from lightning_megatrain import MegaTrainMonitor
+
+    L.seed_everything(0)
+    plain = BlockLM(dropout=0.0)
+    trainer("auto", max_steps=4).fit(plain, data())
+    L.seed_everything(0)
+    mega = BlockLM(dropout=0.0)
+    monitor = MegaTrainMonitor()
+    t = trainer(MegaTrainStrategy(offload_activations=True), max_steps=4, callbacks=[monitor])
+    t.fit(mega, data())
+    assert mega.losses == pytest.approx(plain.losses, rel=1e-6)
+    assert monitor.last["perf/d2h_GBps"] > 0

@@ -151,7 +151,7 @@ def test_export_to_hf_and_load_hf_weights(tmp_path: Path) -> None:
 
 
 def test_load_hf_weights_into_host_arenas_after_setup(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     L.seed_everything(5)
     donor = HFLM("llama", dropout=0.0)
     donor.model.save_pretrained(tmp_path / "w", safe_serialization=True)

@@ -61,6 +61,13 @@ class HostArena:
     def pinned(self) -> bool:
         return self._registered_ptr is not None
 
+    def __del__(self) -> None:
+        # never free page-locked memory without unregistering it
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
     def release(self) -> None:
         """Unpin and drop the memory; the caller must not hold views into it any more."""
         if self._registered_ptr is not None:

@@ -7,6 +7,7 @@ the inputs and weights, and hands the weight gradients to the runtime, which sen
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,7 +64,7 @@ class LayerCall:
     def tensors(self) -> list[torch.Tensor]:
         return [self.in_leaves[i] for i in self.tensor_pos]
 
-    def call(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> Any:
+    def call(self, tensors: Sequence[torch.Tensor]) -> Any:
         flat = list(self.in_leaves)
         for i, t in zip(self.tensor_pos, tensors):
             flat[i] = t

@@ -210,7 +210,7 @@ class Runtime:
                 "streamed layer in backward, so it is turned off for these layers to avoid a second recompute.",
                 stacklevel=2,
             )
-            layer.gradient_checkpointing = False
+            layer.gradient_checkpointing = False  # type: ignore[assignment]
         previous = layer.__dict__.get("forward")
         fn = layer.forward
 
@@ -240,7 +240,11 @@ class Runtime:
         self.slots.invalidate()
         pending = self.streams.record_all()
         if pending:
-            self.worker.submit(lambda: [e.synchronize() for e in pending])
+            def sync_pending() -> None:
+                for e in pending:
+                    e.synchronize()
+
+            self.worker.submit(sync_pending)
         gate = self.gate
         for unit, params in zip(self.units, per_unit):
 
@@ -270,9 +274,6 @@ class Runtime:
         out.h2d_bytes += self.slots.take_bytes() if self.slots is not None else 0
         if reset:
             self._stats = Stats()
-        self._calls: list[LayerCall] = []  # this step's layer calls with offloaded inputs, in forward order
-        self._act_used = 0  # host buffers handed out this step
-        self._act_arenas: list[HostArena] = []  # host buffers for offloaded inputs, reused step to step
         return out
 
     def _wait_ticket(self, ticket: int) -> None:
@@ -309,11 +310,6 @@ class Runtime:
             self._bound = 0
             self._stale = False
             self.outer.unbind()
-
-    @property
-    def in_step(self) -> bool:
-        """Whether a training/validation/... step is running (the non-layer parameters may be bound)."""
-        return self._bound > 0
 
     def rebind(self) -> None:
         """Fresh device copies of the non-layer parameters, waiting only for their own update."""

@@ -8,6 +8,7 @@ Module parameters become views into the arena's fp32 master buffer, so ``paramet
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -149,10 +150,10 @@ class Unit:
             else:
                 e.param.grad.add_(g)
 
-    def bind(self, tensors: list[torch.Tensor]) -> None:
+    def bind(self, tensors: Sequence[torch.Tensor]) -> None:
         for e, t in zip(self.entries, tensors):
             for module, name in e.refs:
-                module._parameters[name] = t
+                module._parameters[name] = t  # type: ignore[assignment]
 
     def unbind(self) -> None:
         for e in self.entries:
