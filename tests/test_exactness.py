@@ -255,3 +255,28 @@ def test_validation_every_step_and_callbacks_reading_parameters_see_the_update()
 def test_overlap_optimizer_false_matches_too() -> None:
     plain, mega = fit_pair(BlockLM, strategy=MegaTrainStrategy(overlap_optimizer=False), max_steps=4)
     assert_same_training(plain, mega)
+
+
+class TwoBindings(BlockLM):
+    """A loss over a forward before and a forward after an update in the same training_step: the
+    non-layer parameters are bound twice and both bindings' gradients must reach the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        first = self.loss(batch)
+        opt.step()  # no gradients yet: changes nothing, but the next forward binds again
+        second = self.loss(batch)
+        self.losses.append((first + second).item())
+        self.manual_backward(first + second)  # gradients from both bindings
+        opt.step()
+        opt.zero_grad()
+
+
+def test_manual_optimization_loss_over_two_forwards() -> None:
+    plain, mega = fit_pair(TwoBindings, max_steps=6)
+    assert len(mega.losses) == 3  # max_steps counts both opt.step() calls
+    assert_same_training(plain, mega)

@@ -336,16 +336,23 @@ class Runtime:
     def after_backward(self) -> None:
         """Send the non-layer gradients home and wait until every gradient of this backward is on the host."""
         outer = self.outer
+        trainable = [e for e in outer.entries if e.goffset is not None]
+        produced = [False] * len(trainable)
+        packed: torch.Tensor | None = None
+        # every binding of this step (several in manual optimization) adds into one packed buffer:
+        # one copy into the host staging buffer, consumed before the next backward can reuse it
         for leaves in self._leaves:
-            trainable = [(e, leaf) for e, leaf in zip(outer.entries, leaves) if e.goffset is not None]
-            produced = [leaf.grad is not None for _, leaf in trainable]
-            if not any(produced):
-                continue
-            packed = torch.zeros(outer.gnumel, dtype=torch.float32, device=self.device)
-            for (e, leaf), ok in zip(trainable, produced):
-                if ok:
-                    packed[e.goffset : e.goffset + e.numel].copy_(leaf.grad.reshape(-1))
-                    leaf.grad = None
+            by_entry = {id(e): leaf for e, leaf in zip(outer.entries, leaves)}
+            for i, e in enumerate(trainable):
+                leaf = by_entry[id(e)]
+                if leaf.grad is None:
+                    continue
+                if packed is None:
+                    packed = torch.zeros(outer.gnumel, dtype=torch.float32, device=self.device)
+                packed[e.goffset : e.goffset + e.numel].add_(leaf.grad.reshape(-1))
+                leaf.grad = None
+                produced[i] = True
+        if packed is not None:
             self._send(outer, packed, outer.staging, produced, release=None)
         self.worker.wait()
         if self._bound:
