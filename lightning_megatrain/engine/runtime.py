@@ -501,6 +501,11 @@ class Runtime:
             return
         streams = self.streams
         record.device = torch.empty(record.shape, dtype=record.host.dtype, device=self.device)
+        # the block may have just been freed by a kernel still queued on the compute stream: the copy
+        # into it waits for the compute stream to get here
+        allocated = streams.event()
+        allocated.record(streams.compute())
+        streams.wait(streams.h2d, allocated)
         streams.wait(streams.h2d, record.done)
         streams.copy(streams.h2d, record.device, record.host.view(record.shape))
         record.ready = streams.event()
