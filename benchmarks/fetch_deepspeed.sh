@@ -11,7 +11,7 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/ex
 mkdir -p .whl
 VERSION="${DEEPSPEED_VERSION:-0.19.8}"
 python3 -m pip download --no-deps --no-binary=deepspeed -d .whl "deepspeed==${VERSION}"
-for pkg in hjson; do  # ninja, py-cpuinfo, msgpack, einops, pydantic are in the GPU image already
+for pkg in hjson pydantic pydantic-core annotated-types typing-inspection; do  # ninja, py-cpuinfo, msgpack, einops are in the GPU image
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d .whl "$pkg"
