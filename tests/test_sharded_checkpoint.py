@@ -252,3 +252,15 @@ def test_async_save_is_one_consistent_step_and_training_goes_on(tmp_path: Path, 
         for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
             for key in sa:
                 assert torch.equal(sa[key], sb[key]), (step, key)
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_overwriting_a_checkpoint_replaces_it_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool) -> None:
+    if not exchange:
+        monkeypatch.setattr(ck, "_exchange", lambda a, b: False)  # filesystems without RENAME_EXCHANGE
+    target = tmp_path / "last.ckpt"
+    ck.save_sharded({"state_dict": {"w": torch.zeros(3)}, "global_step": 1}, target)
+    ck.save_sharded({"state_dict": {"w": torch.ones(3), "v": torch.ones(2)}, "global_step": 2}, target)
+    loaded = ck.load_sharded(target)
+    assert loaded["global_step"] == 2 and torch.equal(loaded["state_dict"]["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary or old directory left
