@@ -33,17 +33,15 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-import lightning.pytorch as pl
 import torch
 import transformers
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from packaging.version import Version
 from torch import Tensor
-from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from causal_lm import CausalLMModule, TokenWindows, warmup_cosine  # noqa: E402,F401  (shared by the examples)
+from causal_lm import CausalLMModule, TextWindowsDataModule, warmup_cosine  # noqa: E402,F401  (shared by the examples)
 
 import lightning_megatrain  # noqa: E402,F401  # registers strategy="megatrain" for the CLI
 from lightning_megatrain.checkpoint import export_hf, load_hf_weights
@@ -55,7 +53,6 @@ except ImportError:  # transformers 4.x
 
 # from_config's dtype argument: "torch_dtype" before transformers 4.56
 DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "tiny_corpus.txt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 # Files of the source directory that describe the model but are not weights: copied along on export.
 EXTRA_FILES = ("generation_config.json",)
@@ -72,9 +69,7 @@ def load_config(pretrained_path: str | Path) -> Any:
     return AutoConfig.from_pretrained(path)
 
 
-
-
-class TextDataModule(pl.LightningDataModule):
+class TextDataModule(TextWindowsDataModule):
     """A UTF-8 text file as tokens, split into a train head and a validation tail.
 
     Args:
@@ -96,15 +91,8 @@ class TextDataModule(pl.LightningDataModule):
         val_fraction: float = 0.05,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        if seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2 (a causal LM needs a next token), got {seq_len}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        super().__init__(path, seq_len, batch_size, val_fraction, num_workers)
         self.save_hyperparameters()
-        self.path = Path(path) if path is not None else DEFAULT_CORPUS
-        self.train_set: Optional[TokenWindows] = None
-        self.val_set: Optional[TokenWindows] = None
 
     def tokenize(self, text: str) -> Tensor:
         """The text as a 1-D tensor of token ids: the model's tokenizer, else bytes (see the module docstring)."""
@@ -112,8 +100,8 @@ class TextDataModule(pl.LightningDataModule):
         config = load_config(directory) if directory is not None else None
         vocab_size = getattr(config, "vocab_size", None) if config is not None else None
         max_positions = getattr(config, "max_position_embeddings", None) if config is not None else None
-        if max_positions is not None and self.hparams.seq_len > max_positions:
-            raise ValueError(f"seq_len={self.hparams.seq_len} exceeds the model's max_position_embeddings={max_positions}")
+        if max_positions is not None and self.seq_len > max_positions:
+            raise ValueError(f"seq_len={self.seq_len} exceeds the model's max_position_embeddings={max_positions}")
         if directory is not None and has_tokenizer(directory):
             from transformers import AutoTokenizer
 
@@ -131,38 +119,6 @@ class TextDataModule(pl.LightningDataModule):
                 "to the directory (tokenizer.save_pretrained)."
             )
         return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
-
-    def setup(self, stage: str) -> None:
-        if self.train_set is not None:
-            return
-        data = self.tokenize(self.path.read_text(encoding="utf-8"))
-        seq_len = self.hparams.seq_len
-        n_val = int(len(data) * self.hparams.val_fraction)
-        if n_val and n_val < seq_len:
-            n_val = seq_len  # at least one validation window
-        self.train_set = TokenWindows(data[: len(data) - n_val], seq_len)
-        self.val_set = TokenWindows(data[len(data) - n_val :], seq_len)
-        if len(self.train_set) < 1:
-            raise ValueError(
-                f"{self.path} gives {len(data)} tokens: too few for seq_len={seq_len} "
-                f"with val_fraction={self.hparams.val_fraction}"
-            )
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.train_set is not None
-        return DataLoader(
-            self.train_set,
-            batch_size=self.hparams.batch_size,
-            shuffle=True,
-            drop_last=len(self.train_set) >= self.hparams.batch_size,
-            num_workers=self.hparams.num_workers,
-        )
-
-    def val_dataloader(self) -> Any:
-        assert self.val_set is not None
-        if len(self.val_set) == 0:
-            return []
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
 
 
 class HFCausalLMFinetune(CausalLMModule):
@@ -216,8 +172,6 @@ class HFCausalLMFinetune(CausalLMModule):
 
             AutoTokenizer.from_pretrained(source).save_pretrained(out)
         print(f"fine-tuned weights exported in Hugging Face layout to {out}")
-
-
 
 
 class FinetuneCLI(LightningCLI):

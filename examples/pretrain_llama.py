@@ -15,26 +15,21 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from causal_lm import CausalLMModule, TokenWindows, warmup_cosine  # noqa: E402,F401  (shared by the examples)
+from causal_lm import CausalLMModule, TextWindowsDataModule, warmup_cosine  # noqa: E402,F401  (shared by the examples)
 
 import lightning_megatrain  # noqa: E402,F401  # registers strategy="megatrain" for the CLI
 
-DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "tiny_corpus.txt"
 VOCAB_SIZE = 256  # one token per byte: no tokenizer to download or train
 
 
-
-
-class ByteTextDataModule(pl.LightningDataModule):
+class ByteTextDataModule(TextWindowsDataModule):
     """A UTF-8 text file as byte tokens, split into a train head and a validation tail.
 
     Args:
@@ -55,49 +50,8 @@ class ByteTextDataModule(pl.LightningDataModule):
         val_fraction: float = 0.05,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        if seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2 (a causal LM needs a next token), got {seq_len}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        super().__init__(path, seq_len, batch_size, val_fraction, num_workers)
         self.save_hyperparameters()
-        self.path = Path(path) if path is not None else DEFAULT_CORPUS
-        self.train_set: Optional[TokenWindows] = None
-        self.val_set: Optional[TokenWindows] = None
-
-    def setup(self, stage: str) -> None:
-        if self.train_set is not None:
-            return  # fit then validate in one process: read the file once
-        raw = self.path.read_bytes()
-        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        n_val = int(len(data) * self.hparams.val_fraction)
-        seq_len = self.hparams.seq_len
-        if n_val and n_val < seq_len:
-            n_val = seq_len  # at least one validation window
-        train, val = data[: len(data) - n_val], data[len(data) - n_val :]
-        self.train_set = TokenWindows(train, seq_len)
-        self.val_set = TokenWindows(val, seq_len)
-        if len(self.train_set) < 1:
-            raise ValueError(
-                f"{self.path} has {len(raw)} bytes: too short for seq_len={seq_len} "
-                f"with val_fraction={self.hparams.val_fraction}"
-            )
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.train_set is not None
-        return DataLoader(
-            self.train_set,
-            batch_size=self.hparams.batch_size,
-            shuffle=True,
-            drop_last=len(self.train_set) >= self.hparams.batch_size,  # equal-sized steps when possible
-            num_workers=self.hparams.num_workers,
-        )
-
-    def val_dataloader(self) -> Any:
-        assert self.val_set is not None
-        if len(self.val_set) == 0:
-            return []  # val_fraction=0: Lightning skips validation
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
 
 
 class LlamaPretrainModule(CausalLMModule):
@@ -154,9 +108,6 @@ class LlamaPretrainModule(CausalLMModule):
             pad_token_id=None,
         )
         self.model = LlamaForCausalLM(config)
-
-
-
 
 
 class PretrainCLI(LightningCLI):
