@@ -107,13 +107,17 @@ def test_registered_name_from_another_directory(tmp_path: Path) -> None:
     assert train[0] < 1.5 * math.log(256)
 
 
-@pytest.fixture(scope="module")
-def example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pretrain_llama_example", SCRIPT)
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def example() -> ModuleType:
+    return _load("pretrain_llama_example", SCRIPT)
 
 
 def test_shipped_corpus_is_text() -> None:
@@ -221,11 +225,7 @@ FINETUNE = REPO / "examples" / "finetune_hf.py"
 
 @pytest.fixture(scope="module")
 def finetune_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("finetune_hf_example", FINETUNE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load("finetune_hf_example", FINETUNE)
 
 
 def _tiny_hf_dir(path: Path, vocab_size: int = 256, tie: bool = True) -> "torch.nn.Module":
