@@ -30,7 +30,10 @@ def _fit(make: Any, strategy: str) -> HFLM:
 def test_chunked_mlp_under_megatrain_matches_unchunked_plain() -> None:
     plain = _fit(lambda: HFLM("llama", dropout=0.0), "auto")
     mega = _fit(ChunkedLlama, "megatrain")
-    assert_same_training(plain, mega)
+    # chunking splits the sum over tokens of each weight gradient, so it is exact up to float rounding
+    # (not bit-exact); AdamW turns a ~1e-9 difference in a near-zero gradient into ~1e-6 in a weight,
+    # which the default atol=1e-6 rejects on some CPUs' kernels.
+    assert_same_training(plain, mega, rtol=1e-4, atol=1e-5)
 
 
 def test_chunking_saves_only_one_chunk_of_intermediates() -> None:
