@@ -37,6 +37,10 @@ def test_chunked_mlp_under_megatrain_matches_unchunked_plain() -> None:
 
 
 def test_chunking_saves_only_one_chunk_of_intermediates() -> None:
+    """The outer graph keeps no intermediates of a chunked module (at most its input, x.numel()
+    elements); the unchunked MLP keeps ~2x its hidden activations. Checking only the largest saved
+    tensor passes with every chunk's intermediates kept: this sums them. Guards against the
+    per-chunk ``checkpoint()`` being removed (seen red)."""
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
     x = torch.randn(2, 32, 8, requires_grad=True)
     sizes: list[int] = []
@@ -47,13 +51,14 @@ def test_chunking_saves_only_one_chunk_of_intermediates() -> None:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         full = mlp(x)
-    biggest_full = max(sizes)
+    total_full = sum(sizes)
+    assert total_full >= 2 * 64 * 64  # the hidden activations (tokens x 64), before and after GELU
     sizes.clear()
     chunk_tokenwise(mlp, 4)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = mlp(x)
     torch.testing.assert_close(out, full)
-    assert max(sizes) <= biggest_full // 4 or max(sizes) == x.numel() // 4
+    assert sum(sizes) <= x.numel(), f"the chunked MLP's graph keeps {sum(sizes)} elements (unchunked: {total_full})"
     out.sum().backward()
     g = x.grad.clone()
     x.grad = None
