@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lightning_megatrain import MegaTrainStrategy
-from models import BlockLM, data, trainer
+from models import HFLM, BlockLM, data, trainer
 
 
 class _Log:
@@ -81,3 +81,108 @@ def test_optimizer_step_overlaps_the_next_forward_in_trainer_fit(overlap: bool) 
             assert forward_next < updated, log.events
         else:
             assert updated < forward_next, log.events
+
+
+# ----------------------------------------------------------------------------- fused CPU optimizer
+class WithOptimizer(BlockLM):
+    def __init__(self, **opt_kwargs: Any) -> None:
+        super().__init__(n=3, dropout=0.0)
+        self.opt_kwargs = opt_kwargs
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, **self.opt_kwargs)
+
+
+@pytest.mark.parametrize(
+    "opt_kwargs, strategy_kwargs, fused",
+    [({}, {}, True), ({"foreach": True}, {}, False), ({}, {"fused_optimizer": False}, False)],
+    ids=["default", "user-foreach", "fused_optimizer-False"],
+)
+def test_fused_cpu_optimizer_is_selected_only_when_the_user_left_the_choice(
+    monkeypatch: pytest.MonkeyPatch, opt_kwargs: dict, strategy_kwargs: dict, fused: bool
+) -> None:
+    """During the host step every group has ``fused=True`` and torch's fused AdamW kernel runs, unless
+    the user chose ``foreach=True`` or passed ``fused_optimizer=False``. Guards against
+    ``enable_fused`` doing nothing (seen red: default), ``fused_optimizer=False`` being ignored
+    (seen red) and a user's ``foreach=True`` being overridden (seen red)."""
+    seen: list[tuple[Any, Any]] = []
+    kernel_calls = [0]
+    real_step, real_kernel = torch.optim.AdamW.step, torch._fused_adamw_
+
+    def spy_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.extend((g.get("fused"), g.get("foreach")) for g in self.param_groups)
+        return real_step(self, *args, **kwargs)
+
+    def spy_kernel(*args: Any, **kwargs: Any) -> Any:
+        kernel_calls[0] += 1
+        return real_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
+    monkeypatch.setattr(torch, "_fused_adamw_", spy_kernel)
+    L.seed_everything(0)
+    trainer(MegaTrainStrategy(**strategy_kwargs), max_steps=2).fit(WithOptimizer(**opt_kwargs), data())
+    assert seen, "the host step never ran"
+    if fused:
+        assert all(f is True for f, _ in seen), seen
+        assert kernel_calls[0] > 0
+    else:
+        assert not any(f is True for f, _ in seen), seen
+        assert kernel_calls[0] == 0
+        if opt_kwargs.get("foreach"):
+            assert all(fe is True for _, fe in seen), seen
+
+
+# ----------------------------------------------------------------------------- trainer.test
+class Tested(HFLM):
+    # Llama (RMSNorm): CPU autocast runs nn.LayerNorm with bf16 weights on fp32 inputs
+    def __init__(self) -> None:
+        super().__init__("llama", dropout=0.0)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        out = self.model(input_ids=batch[0], labels=batch[0])  # one forward per batch
+        self.log("test_loss", out.loss)
+        self.log("test_logit_norm", out.logits.float().norm())
+
+
+class _H2DDuringTest(L.Callback):
+    """Bytes the runtime copied to the device per test batch (its counters, read without a sync)."""
+
+    def __init__(self) -> None:
+        self.per_batch: list[int] = []
+
+    def on_test_batch_start(self, trainer: Any, *args: Any) -> None:
+        trainer.strategy.runtime.stats()
+
+    def on_test_batch_end(self, trainer: Any, *args: Any) -> None:
+        self.per_batch.append(trainer.strategy.runtime.stats().h2d_bytes)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_trainer_test_equals_plain_lightning(precision: str) -> None:
+    """``trainer.test`` after ``fit`` under megatrain logs the numbers plain Lightning logs (fp32: float
+    noise; bf16-mixed: 1e-3 relative), with every layer streamed to the device for each batch and
+    the non-layer parameters bound there. Guards against the strategy's ``test_step`` running
+    without binding (seen red: no non-layer bytes copied) and test batches running on stale or
+    unstreamed weights."""
+    results = []
+    probe = _H2DDuringTest()
+    for strategy in ("auto", "megatrain"):
+        L.seed_everything(0)
+        model = Tested()
+        t = trainer(strategy, max_steps=3, precision=precision)
+        t.fit(model, data())
+        t.test(model, data(n=8), verbose=False)  # fit's trainer: the trained weights, then a second setup
+        results.append(t.callback_metrics.copy())
+        if strategy == "megatrain":
+            t2 = trainer(strategy, precision=precision, callbacks=[probe])
+            t2.test(model, data(n=8), verbose=False)
+            results.append(t2.callback_metrics.copy())
+            layers = sum(p.numel() for p in model.model.model.layers.parameters())
+            outer = sum(p.numel() for p in model.parameters()) - layers
+            csize = 2 if precision == "bf16-mixed" else 4
+            assert probe.per_batch == [layers * csize + outer * 4] * 2, probe.per_batch
+    plain, mega, mega_again = results
+    tol = dict(rtol=1e-5, atol=1e-6) if precision == "32-true" else dict(rtol=1e-3, atol=0)
+    for key in ("test_loss", "test_logit_norm"):
+        torch.testing.assert_close(mega[key], plain[key], **tol)
+        torch.testing.assert_close(mega_again[key], plain[key], **tol)
