@@ -272,6 +272,11 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         assert self.lightning_module is not None
         self._wait()
         check_state_dict(self.lightning_module.state_dict(), checkpoint["state_dict"], strict=strict)
+        trainer = self.lightning_module._trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING and self.lightning_restore_optimizer:
+            # Lightning loads the optimizer state after the weights: refuse a mismatch before either changes
+            for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", [])):
+                check_optimizer_state(optimizer, state)
         super().load_model_state_dict(checkpoint, strict=strict)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
