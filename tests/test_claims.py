@@ -53,7 +53,7 @@ class SlowLastLayer(BlockLM):
                 params = [p for g in self.param_groups for p in g["params"]]
                 slow = any(id(p) in last for p in params)
                 if slow:
-                    time.sleep(0.15)
+                    time.sleep(0.25)
                 out = super().step(closure)
                 if slow:  # the k-th update of the last layer is step k's
                     module.log.add("last layer updated", module.updates)
