@@ -162,3 +162,43 @@ def test_engine_refuses_an_unknown_mode() -> None:
     with pytest.raises(ValueError, match="host_memory must be"):
         Runtime(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), torch.device("cpu"), torch.float32,
                 RuntimeConfig(host_memory="tiny"))
+
+
+def test_plan_command_line_for_the_120b_headline(capsys: pytest.CaptureFixture) -> None:
+    """The docs' claim: a 120B Llama-shaped model trains with host_memory="lean" on a 1.5 TiB host and
+    an H200, and does not with the other modes."""
+    from lightning_megatrain.plan import main
+
+    main(["--model", "llama-120b", "--host-gb", "1536", "--gpu-gb", "141"])
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.split()}
+    assert rows["lean"][4] == "yes" and rows["fast"][4] == "NO" and rows["compact"][4] == "NO"
+    assert 12.0 <= float(rows["lean"][2]) < 12.5 and 18.0 <= float(rows["fast"][2]) < 18.5
+
+
+def test_plan_of_an_hf_directory_counts_the_real_parameters(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import transformers
+
+    from lightning_megatrain.plan import LlamaShape, build_meta, llama_of_size, plan_for
+
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                                   num_attention_heads=8, num_key_value_heads=2)
+    real = transformers.LlamaForCausalLM(cfg)
+    real.save_pretrained(tmp_path)
+    n = sum(p.numel() for p in real.parameters())
+    module, layers, hidden, _ = build_meta(str(tmp_path))
+    assert len(layers) == 6 and hidden == 256
+    plan = plan_for(str(tmp_path), "compact", 10**12, 10**12, tokens=1024)
+    assert plan.params == n
+    shape = LlamaShape(256, 688, 6, 8, 2, vocab=1000)
+    assert shape.params == n and plan_for(shape, "compact", 10**12, 10**12, 1024).params == n
+    approx = llama_of_size(70 * 10**9)
+    assert abs(approx.params / 70e9 - 1) < 0.02 and approx.hidden == 8192
+
+
+def test_plan_command_line_refuses_bad_input() -> None:
+    from lightning_megatrain.plan import main
+
+    with pytest.raises(SystemExit):
+        main(["--model", "no-such-model", "--host-gb", "10", "--gpu-gb", "10"])
+    with pytest.raises(SystemExit):
+        main(["--params", "-5", "--host-gb", "10", "--gpu-gb", "10"])
