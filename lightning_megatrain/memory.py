@@ -219,7 +219,9 @@ def plan_memory(
     }
     if host_memory == "lean":
         host["optimizer state, bf16 (estimate)"] = state // 2 * trainable
-        host["fp32 scratch of one layer's state"] = state * max(layer_trainable, default=0)
+        # chunks of one layer's size; a single parameter larger than a layer is widened whole
+        largest = max([*layer_trainable, *(p.numel() for p in outer if p.requires_grad and grads)], default=0)
+        host["fp32 scratch of one layer's state"] = state * largest
     else:
         host["optimizer state (estimate)"] = state * trainable
     host["gradient staging"] = 4 * outer_trainable + n_slots * ssize * max(layer_trainable, default=0)

@@ -202,3 +202,32 @@ def test_plan_command_line_refuses_bad_input() -> None:
         main(["--model", "no-such-model", "--host-gb", "10", "--gpu-gb", "10"])
     with pytest.raises(SystemExit):
         main(["--params", "-5", "--host-gb", "10", "--gpu-gb", "10"])
+
+
+def test_lean_steps_big_units_in_chunks_of_one_layer() -> None:
+    """The fp32 scratch holds at most one layer's state (or one parameter bigger than a layer): the
+    embeddings and head are stepped in chunks of whole parameters, with the same update."""
+    lean = LeanState(chunk_numel=64)
+    a, b, c, d = (torch.zeros(n) for n in (64, 32, 32, 16))
+    pieces = list(lean.chunks([[a, b, c], [d]]))
+    assert [[[t.numel() for t in g] for g in piece] for piece in pieces] == [[[64], []], [[32, 32], []], [[], [16]]]
+    # in a fit: AdamW's two moments of the largest chunk, not of the whole non-layer unit
+    L.seed_everything(0)
+    model = BlockLM(dropout=0.0)
+    model.emb = torch.nn.Embedding(1024, 16)  # a non-layer unit bigger than a layer (rows past 64 unused)
+    strategy = MegaTrainStrategy(host_memory="lean")
+    trainer(strategy, max_steps=2, callbacks=[_KeepRuntime()]).fit(model, data())
+    runtime = _KeepRuntime.runtime
+    layer = max(u.gnumel for u in runtime.layer_units)
+    biggest = max(e.numel for u in [runtime.outer, *runtime.layer_units] for e in u.entries)  # units: emptied at teardown
+    outer = runtime.outer.gnumel
+    assert outer > layer  # the case that needs chunks
+    assert runtime.lean._scratch.numel() <= 2 * max(layer, biggest) < 2 * outer
+
+
+class _KeepRuntime(L.Callback):
+    runtime: Any = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        trainer.strategy.wait()
+        type(self).runtime = trainer.strategy.runtime

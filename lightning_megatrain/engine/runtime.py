@@ -124,6 +124,9 @@ class Runtime:
                 self.units.append(Unit(f"layer{i}", i + 1, entries, self.compute_dtype, pin=pin, staging=False, module=layer))
             self.layer_units = self.units[1:]
             self._owner = {id(e.param): u.index for u in self.units for e in u.entries}
+            if self.lean is not None:
+                # one streamed layer's state is widened at a time; bigger units go in chunks of that size
+                self.lean.chunk_numel = max((u.gnumel for u in self.layer_units), default=0)
             self._move_buffers()
             self._make_device_buffers(pin)
             for layer, unit in zip(self.layers, self.layer_units):
@@ -268,8 +271,9 @@ class Runtime:
                     gate(unit.index)
                 start = time.perf_counter()
                 if self.lean is not None:
-                    with self.lean.widened(optimizer, [p for ps in params for p in ps]):
-                        step_unit(optimizer, hparams, params, kwargs)
+                    for piece in self.lean.chunks(params):
+                        with self.lean.widened(optimizer, [p for ps in piece for p in ps]):
+                            step_unit(optimizer, hparams, piece, kwargs)
                 else:
                     step_unit(optimizer, hparams, params, kwargs)
                 unit.refresh_compute()

@@ -4,8 +4,11 @@ AdamW's two moments are 8 of the 18 bytes per parameter megatrain keeps on the h
 bf16 halves that. Any torch optimizer works unchanged: just before a unit is stepped, its parameters'
 state tensors are copied into one fp32 scratch buffer (views of it replace them in
 ``optimizer.state``), the optimizer's own ``step`` runs on fp32 as usual, and the results are rounded
-back (round-to-nearest-even) into the bf16 tensors, which replace the scratch views again. Only one
-unit's state is ever fp32, and the scratch is reused unit after unit (one worker thread steps them).
+back (round-to-nearest-even) into the bf16 tensors, which replace the scratch views again. At most
+``chunk_numel`` parameters' state (the largest streamed layer, or one parameter if it is larger) is
+ever fp32: a unit larger than that (the embeddings and head) is stepped in several chunks of whole
+parameters, which gives the same update because torch's optimizers update each parameter on its own
+(megatrain already steps the model unit by unit on that basis). The scratch is reused chunk after chunk.
 
 Hand-written rather than a torch feature: torch optimizers keep state in the parameter's dtype, and
 ``Optimizer.load_state_dict`` casts loaded state to it, so the narrowing is re-applied after a load.
@@ -13,8 +16,8 @@ Hand-written rather than a torch feature: torch optimizers keep state in the par
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.optim import Optimizer
@@ -37,8 +40,27 @@ def _narrowable(value: object, param: torch.Tensor) -> bool:
 class LeanState:
     """Holds floating optimizer state in bf16 and widens one unit's state at a time into a scratch."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunk_numel: int = 0) -> None:
         self._scratch = torch.empty(0, dtype=torch.float32)
+        self.chunk_numel = chunk_numel  # 0: no limit
+
+    def chunks(self, per_group: list[list[torch.Tensor]]) -> Iterator[list[list[torch.Tensor]]]:
+        """``per_group`` split into pieces of at most ``chunk_numel`` parameters (whole parameters,
+        groups kept apart), in order."""
+        if not self.chunk_numel:
+            yield per_group
+            return
+        piece: list[list[torch.Tensor]] = [[] for _ in per_group]
+        size = 0
+        for gi, params in enumerate(per_group):
+            for p in params:
+                if size and size + p.numel() > self.chunk_numel:
+                    yield piece
+                    piece, size = [[] for _ in per_group], 0
+                piece[gi].append(p)
+                size += p.numel()
+        if size or not any(per_group):
+            yield piece
 
     def _scratch_for(self, numel: int) -> torch.Tensor:
         if self._scratch.numel() < numel:
