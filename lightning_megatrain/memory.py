@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,50 @@ from torch import nn
 from torch.optim import Optimizer
 
 GiB = 1024**3
+
+HOST_MEMORY_MODES = ("auto", "fast", "compact", "lean")
+
+# Step-time model estimates (shared/DESIGN.md); benchmarks/limits.py measures both on a GPU machine.
+PCIE_H2D_BYTES_PER_S = 50e9  # pinned host-to-device copies, PCIe Gen5 x16
+DENSE_FLOPS_PER_S = 800e12  # H100 bf16 dense matmul, measured
+
+
+def hidden_tokens(stream_bytes_per_param: float, flops: float = DENSE_FLOPS_PER_S, h2d: float = PCIE_H2D_BYTES_PER_S) -> int:
+    """Tokens per micro-batch from which copying a layer in takes no longer than its forward.
+
+    Forward is the tightest phase: 2 FLOPs per parameter and token against ``stream_bytes_per_param``
+    over PCIe (backward has 6 FLOPs per parameter and token for the same bytes). With the bf16 host
+    copy (2 B/param) that is ~16k tokens on an H100 at peak; streaming fp32 masters (4 B/param), ~32k.
+    """
+    return int(math.ceil(stream_bytes_per_param * flops / (2 * h2d)))
+
+
+def choose_host_memory(
+    requested: str, device: torch.device | str, compute_dtype: torch.dtype, batch_tokens: int | None = None
+) -> tuple[str, str]:
+    """The host memory mode to use and why: ``"compact"`` wherever it costs no time, else ``"fast"``."""
+    if requested not in HOST_MEMORY_MODES:
+        raise ValueError(f"host_memory must be one of {', '.join(repr(m) for m in HOST_MEMORY_MODES)}, got {requested!r}")
+    if requested != "auto":
+        return requested, "chosen by the host_memory option"
+    if compute_dtype == torch.float32:
+        return "compact", "fp32 precision streams the fp32 masters anyway (no compute copy to drop)"
+    if torch.device(device).type != "cuda":
+        return "compact", "no PCIe on this device: streaming the fp32 masters costs no time and saves 2 B/param"
+    need = hidden_tokens(4)
+    if batch_tokens is not None and batch_tokens >= need:
+        return "compact", (
+            f"plan_batch_tokens={batch_tokens} >= {need}: the fp32 weight copies (4 B/param) hide behind the forward"
+        )
+    return "fast", (
+        f"a bf16 copy is streamed (2 B/param, hidden from ~{hidden_tokens(2)} tokens per micro-batch); with "
+        f">= {need} tokens per micro-batch (plan_batch_tokens) host_memory='compact' saves 2 B/param at no cost"
+    )
+
+
+def lean_state_bytes(optimizer: Optimizer | None) -> int:
+    """Bytes per parameter of the optimizer state held in bf16 (``host_memory="lean"``)."""
+    return optimizer_state_bytes(optimizer) // 2
 
 
 class MemoryPlanError(MemoryError):
@@ -53,6 +98,8 @@ class MemoryPlan:
     host_in_use: int = 0  # bytes the parameters occupy already (moved, not copied)
     host_available: int = 0
     device_free: int | None = None
+    host_memory: str = "fast"
+    host_memory_reason: str = ""
 
     @property
     def host_total(self) -> int:
@@ -62,6 +109,11 @@ class MemoryPlan:
     def host_needed(self) -> int:
         """New host bytes: the total less what the parameters hold now."""
         return max(0, self.host_total - self.host_in_use)
+
+    @property
+    def host_bytes_per_param(self) -> float:
+        """Host bytes of training state per parameter (the figure each host_memory mode is known by)."""
+        return self.host_total / max(self.params, 1)
 
     @property
     def device_total(self) -> int:
@@ -86,7 +138,9 @@ class MemoryPlan:
 
     def __str__(self) -> str:
         rows = [f"megatrain memory plan: {self.params:,} parameters ({self.trainable:,} trainable), {self.n_layers} streamed layers"]
-        rows.append("  host (pinned when a GPU is used):")
+        if self.host_memory_reason:
+            rows.append(f"  host_memory={self.host_memory!r}: {self.host_memory_reason}")
+        rows.append(f"  host (pinned when a GPU is used; {self.host_bytes_per_param:.1f} B/param):")
         rows += [f"    {k:<32}{_fmt(v):>12}" for k, v in self.host.items()]
         rows.append(
             f"    {'total':<32}{_fmt(self.host_total):>12}  (available now: {_fmt(self.host_available)} "
@@ -125,14 +179,22 @@ def plan_memory(
     grads: bool = True,
     batch_tokens: int | None = None,
     hidden_size: int | None = None,
+    host_memory: str = "fast",
+    host_memory_reason: str = "",
+    host_available: int | None = None,
+    device_free: int | None = None,
 ) -> MemoryPlan:
     """The plan for streaming ``layers`` of ``module``; a public function so users can call it before a long load.
 
     With ``batch_tokens`` (tokens per micro-batch) the device part includes the saved layer inputs
     (``layers x tokens x hidden`` in the compute dtype) and an estimate of one layer's working set
     (``~16 x tokens x hidden`` activations plus the layer's weight gradients). ``hidden_size`` is read
-    from an HF config or the first layer's first ``nn.Linear`` when not given.
+    from an HF config or the first layer's first ``nn.Linear`` when not given. ``host_memory`` is a
+    resolved mode (``"fast"``, ``"compact"``, ``"lean"``; see :func:`choose_host_memory`).
+    ``host_available`` and ``device_free`` replace what this machine has (to plan for another one).
     """
+    if host_memory not in ("fast", "compact", "lean"):
+        raise ValueError(f"plan_memory needs a resolved host_memory ('fast', 'compact' or 'lean'), got {host_memory!r}")
     layer_numels, layer_trainable = [], []
     layer_ids: set[int] = set()
     for layer in layers:
@@ -146,20 +208,28 @@ def plan_memory(
     outer_trainable = sum(p.numel() for p in outer if p.requires_grad and grads)
     params = sum(layer_numels) + outer_numel
     trainable = sum(layer_trainable) + outer_trainable
-    csize = _size(compute_dtype)
+    csize = _size(compute_dtype)  # activations
+    ssize = csize if host_memory == "fast" else 4  # streamed weights and their gradient buffers
+    optimizers = list(optimizers)
     state = max((optimizer_state_bytes(o) for o in optimizers), default=0) if grads else 0
     n_slots = prefetch + 1
     host = {
         "fp32 master weights": 4 * params,
         "fp32 gradients": 4 * trainable,
-        "optimizer state (estimate)": state * trainable,
-        "gradient staging": 4 * outer_trainable + n_slots * csize * max(layer_trainable, default=0),
     }
-    if compute_dtype != torch.float32:
+    if host_memory == "lean":
+        host["optimizer state, bf16 (estimate)"] = state // 2 * trainable
+        # chunks of one layer's size; a single parameter larger than a layer is widened whole
+        largest = max([*layer_trainable, *(p.numel() for p in outer if p.requires_grad and grads)], default=0)
+        host["fp32 scratch of one layer's state"] = state * largest
+    else:
+        host["optimizer state (estimate)"] = state * trainable
+    host["gradient staging"] = 4 * outer_trainable + n_slots * ssize * max(layer_trainable, default=0)
+    if host_memory == "fast" and compute_dtype != torch.float32:
         host[f"{str(compute_dtype).removeprefix('torch.')} compute copies"] = csize * sum(layer_numels)
     dev = {
-        "weight slots": n_slots * csize * max(layer_numels, default=0),
-        "gradient buffers": n_slots * csize * max(layer_trainable, default=0),
+        "weight slots": n_slots * ssize * max(layer_numels, default=0),
+        "gradient buffers": n_slots * ssize * max(layer_trainable, default=0),
         "non-layer params and grads": 4 * outer_numel + 8 * outer_trainable,
     }
     if batch_tokens:
@@ -168,8 +238,7 @@ def plan_memory(
             dev["saved layer inputs"] = len(layers) * batch_tokens * hidden * csize
             dev["one layer's working set (est.)"] = 16 * batch_tokens * hidden * csize + csize * max(layer_trainable, default=0)
     device = torch.device(device)
-    device_free = None
-    if device.type == "cuda":
+    if device_free is None and device.type == "cuda":
         device_free = torch.cuda.mem_get_info(device)[0]
     return MemoryPlan(
         n_layers=len(layers),
@@ -178,8 +247,10 @@ def plan_memory(
         host=host,
         device=dev,
         host_in_use=4 * params,
-        host_available=psutil.virtual_memory().available,
+        host_available=psutil.virtual_memory().available if host_available is None else host_available,
         device_free=device_free,
+        host_memory=host_memory,
+        host_memory_reason=host_memory_reason,
     )
 
 

@@ -27,7 +27,7 @@ from .checkpoint import (
     load_sharded,
 )
 from .engine import Runtime, RuntimeConfig, check_optimizer
-from .memory import plan_memory
+from .memory import HOST_MEMORY_MODES, choose_host_memory, plan_memory
 from .precision import MegaTrainPrecision
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,14 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             forward. ``False`` makes ``optimizer_step`` return only when the update is done.
         async_checkpoint: write sharded checkpoints on a background thread while training goes on; each
             layer's next update waits until that layer's tensors are written, so the checkpoint is one step.
+        host_memory: how training state is held on the host (bytes per trainable parameter with AdamW and
+            ``bf16-mixed``). ``"fast"`` (18 B): a bf16 copy of each layer is kept and streamed (2 B/param
+            over PCIe per pass). ``"compact"`` (16 B, same numbers): the fp32 masters are streamed and
+            autocast casts them on the device, as in plain training (4 B/param per pass). ``"lean"``
+            (12 B): ``"compact"`` plus every floating optimizer state tensor held in bf16 between steps
+            (rounded to nearest; see docs/host-memory.md for the numerics). ``"auto"``: ``"compact"`` where
+            the extra transfer costs no time (the CPU; ``plan_batch_tokens`` at or above the tokens that
+            hide it), else ``"fast"``; the memory plan says which and why.
     """
 
     strategy_name = "megatrain"
@@ -75,6 +83,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         checkpoint_shard_bytes: int = DEFAULT_SHARD_BYTES,
         async_checkpoint: bool = False,
         overlap_optimizer: bool = True,
+        host_memory: Literal["auto", "fast", "compact", "lean"] = "auto",
         device: Optional[Union[str, int, torch.device]] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         checkpoint_io: Optional[CheckpointIO] = None,
@@ -86,6 +95,10 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             raise ValueError(f"checkpoint_format must be 'sharded' or 'single_file', got {checkpoint_format!r}")
         if not isinstance(checkpoint_shard_bytes, int) or checkpoint_shard_bytes <= 0:
             raise ValueError(f"checkpoint_shard_bytes must be a positive number of bytes, got {checkpoint_shard_bytes!r}")
+        if host_memory not in HOST_MEMORY_MODES:
+            raise ValueError(
+                f"host_memory must be one of {', '.join(repr(m) for m in HOST_MEMORY_MODES)}, got {host_memory!r}"
+            )
         if async_checkpoint and checkpoint_format != "sharded":
             raise ValueError("async_checkpoint=True needs checkpoint_format='sharded'")
         self._device_given = device is not None
@@ -110,6 +123,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         self.checkpoint_shard_bytes = checkpoint_shard_bytes
         self.async_checkpoint = async_checkpoint
         self.overlap_optimizer = overlap_optimizer
+        self.host_memory = host_memory
         self._saving: Optional[ShardedSave] = None
         self.runtime: Optional[Runtime] = None
         self.memory_plan: Any = None
@@ -165,6 +179,9 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         precision = self.precision_plugin
         precision.device_type = self.root_device.type
         self.config.grads = fitting
+        self.config.host_memory, host_memory_reason = choose_host_memory(
+            self.host_memory, self.root_device, precision.compute_dtype, self.plan_batch_tokens
+        )
 
         def plan(layers: list[torch.nn.Module]) -> None:
             if not layers:
@@ -174,7 +191,8 @@ class MegaTrainStrategy(SingleDeviceStrategy):
                 )
             self.memory_plan = plan_memory(
                 self.model, layers, precision.compute_dtype, self.root_device, self.config.prefetch, self.optimizers,
-                fitting, batch_tokens=self.plan_batch_tokens,
+                fitting, batch_tokens=self.plan_batch_tokens, host_memory=self.config.host_memory,
+                host_memory_reason=host_memory_reason,
             )
             rank_zero_info(str(self.memory_plan))
             if self.check_memory:

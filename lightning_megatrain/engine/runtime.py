@@ -17,6 +17,7 @@ from .layer_fn import LayerCall, LayerFunction, strip_caches
 from .host import HostArena
 from .layers import LayerClasses, find_layers
 from .stepper import Worker, check_optimizer, enable_fused, make_waiting, restore_class, snapshot_groups, split_params, step_unit
+from .state import LeanState
 from .stream import ChannelPool, GradChannel, SlotPool, Streams
 from .units import Unit, collect_entries
 
@@ -55,6 +56,10 @@ class RuntimeConfig:
     fused_optimizer: bool = True
     grads: bool = True  # False for validate/test/predict: no gradient memory at all
     offload_activations: bool = False
+    # "fast": a compute-dtype copy of each layer on the host, streamed (half the PCIe bytes);
+    # "compact": the fp32 masters are streamed and autocast casts them on the device (no host copy);
+    # "lean": "compact" plus floating optimizer state held in bf16 between steps (engine/state.py)
+    host_memory: str = "fast"
 
 
 def _check_side_outputs(module: nn.Module) -> None:
@@ -87,7 +92,12 @@ class Runtime:
         self.module = module
         self.device = torch.device(device)
         self.config = config
-        self.compute_dtype = compute_dtype
+        if config.host_memory not in ("fast", "compact", "lean"):
+            raise ValueError(f"host_memory must be 'fast', 'compact' or 'lean', got {config.host_memory!r}")
+        # the dtype layers are streamed in: without a host compute copy the fp32 masters go as they are
+        # and autocast casts them on the device, exactly as in plain mixed-precision training
+        self.compute_dtype = compute_dtype if config.host_memory == "fast" else torch.float32
+        self.lean = LeanState() if config.host_memory == "lean" else None
         self.layers = find_layers(module, config.layer_cls)
         self._check_sharing()
         _check_side_outputs(module)
@@ -111,9 +121,12 @@ class Runtime:
             self.units.append(self.outer)
             for i, layer in enumerate(self.layers):
                 entries = collect_entries([("", layer)], exclude=set(), grads=config.grads)
-                self.units.append(Unit(f"layer{i}", i + 1, entries, compute_dtype, pin=pin, staging=False, module=layer))
+                self.units.append(Unit(f"layer{i}", i + 1, entries, self.compute_dtype, pin=pin, staging=False, module=layer))
             self.layer_units = self.units[1:]
             self._owner = {id(e.param): u.index for u in self.units for e in u.entries}
+            if self.lean is not None:
+                # one streamed layer's state is widened at a time; bigger units go in chunks of that size
+                self.lean.chunk_numel = max((u.gnumel for u in self.layer_units), default=0)
             self._move_buffers()
             self._make_device_buffers(pin)
             for layer, unit in zip(self.layers, self.layer_units):
@@ -130,6 +143,7 @@ class Runtime:
         self._guarded = self._guard(module)
         self._anchor = torch.empty(0, device=self.device, requires_grad=True)
         self._patched: list[Optimizer] = []
+        self._hook_handles: list[Any] = []
         # Called with a unit's index before the optimizer updates it; an asynchronous checkpoint save
         # uses it to hold each layer's update until that layer's tensors are written.
         self.gate: Callable[[int], None] | None = None
@@ -228,6 +242,10 @@ class Runtime:
             enable_fused(optimizer)
         make_waiting(optimizer, self.wait)
         self._patched.append(optimizer)
+        if self.lean is not None:
+            self.lean.narrow(optimizer)
+            # Optimizer.load_state_dict casts loaded state to the parameters' dtype: narrow it again
+            self._hook_handles.append(optimizer.register_load_state_dict_post_hook(self.lean.narrow))
 
     def refresh_fused(self, optimizer: Optimizer) -> None:
         if self.config.fused_optimizer:
@@ -252,7 +270,12 @@ class Runtime:
                 if gate is not None:
                     gate(unit.index)
                 start = time.perf_counter()
-                step_unit(optimizer, hparams, params, kwargs)
+                if self.lean is not None:
+                    for piece in self.lean.chunks(params):
+                        with self.lean.widened(optimizer, [p for ps in piece for p in ps]):
+                            step_unit(optimizer, hparams, piece, kwargs)
+                else:
+                    step_unit(optimizer, hparams, params, kwargs)
                 unit.refresh_compute()
                 self._stats.optimizer_s += time.perf_counter() - start
 
@@ -588,6 +611,9 @@ class Runtime:
         for optimizer in getattr(self, "_patched", []):
             restore_class(optimizer)
         self._patched = []
+        for handle in getattr(self, "_hook_handles", []):
+            handle.remove()
+        self._hook_handles = []
         for layer, previous in getattr(self, "_forwards", []):
             if previous is None:
                 layer.__dict__.pop("forward", None)
