@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .engine.units import image_layout, stream_dtype
+
 GiB = 1024**3
 
 
@@ -53,6 +55,26 @@ class MemoryPlan:
     host_in_use: int = 0  # bytes the parameters occupy already (moved, not copied)
     host_available: int = 0
     device_free: int | None = None
+    layer_params: int = 0  # parameters of the streamed layers
+    layer_trainable: int = 0  # of which trainable
+    stream_bytes: int = 0  # bytes one pass over the layers copies to the device (all layer images)
+    grad_bytes: int = 0  # bytes of layer gradients copied back per micro-batch
+
+    def transfer_bytes(self) -> int:
+        """Bytes over the host link per micro-batch: every layer's weights twice (forward, then the
+        recompute in backward), and the trainable layer parameters' gradients back."""
+        return 2 * self.stream_bytes + self.grad_bytes
+
+    def tokens_to_hide_transfers(self, link_bytes_s: float = 50e9, device_flops: float = 800e12) -> int:
+        """Tokens per micro-batch from which the layer compute (forward 2N, recompute 2N, input
+        gradients 2N and weight gradients 2N_trainable FLOPs per token) outlasts the transfers.
+
+        Defaults: ~50 GB/s per direction of pinned PCIe 5 x16, ~800 dense bf16 TFLOPS (H100)."""
+        flops_per_token = 6 * self.layer_params + 2 * self.layer_trainable
+        if not flops_per_token:
+            return 0
+        seconds = self.transfer_bytes() / link_bytes_s
+        return int(seconds * device_flops / flops_per_token + 0.5)
 
     @property
     def host_total(self) -> int:
@@ -99,6 +121,12 @@ class MemoryPlan:
         rows += [f"    {k:<32}{_fmt(v):>12}" for k, v in self.device.items()]
         free = "not checked (CPU)" if self.device_free is None else _fmt(self.device_free)
         rows.append(f"    {'total':<32}{_fmt(self.device_total):>12}  (free now: {free})")
+        if self.stream_bytes:
+            rows.append(
+                f"  host link per micro-batch: {_fmt(self.transfer_bytes())} (weights in twice, layer gradients out); "
+                f"hidden behind compute from ~{self.tokens_to_hide_transfers():,} tokens per micro-batch "
+                "(at 50 GB/s and 800 TFLOPS)"
+            )
         rows.append(f"  fits: {'yes' if self.fits() else 'NO'}")
         return "\n".join(rows)
 
@@ -133,35 +161,50 @@ def plan_memory(
     (``~16 x tokens x hidden`` activations plus the layer's weight gradients). ``hidden_size`` is read
     from an HF config or the first layer's first ``nn.Linear`` when not given.
     """
-    layer_numels, layer_trainable = [], []
+    layer_numels, layer_trainable, layer_images = [], [], []
     layer_ids: set[int] = set()
+    store = {"trainable": 0, "frozen": 0, "cast": 0}  # host bytes: fp32 masters, frozen as stored, compute copies
+
+    def count(ps: list[torch.Tensor], cdtype: torch.dtype) -> None:
+        for p in ps:
+            trainable = p.requires_grad and grads
+            store["trainable" if trainable else "frozen"] += p.numel() * p.element_size()
+            sd = stream_dtype(p, cdtype)
+            if sd != p.dtype:
+                store["cast"] += p.numel() * _size(sd)
+
     for layer in layers:
         ps = list({id(p): p for p in layer.parameters()}.values())
         layer_ids.update(id(p) for p in ps)
         layer_numels.append(sum(p.numel() for p in ps))
         layer_trainable.append(sum(p.numel() for p in ps if p.requires_grad and grads))
+        layer_images.append(image_layout(ps, compute_dtype)[1])
+        count(ps, compute_dtype)
     all_params = list({id(p): p for p in module.parameters()}.values())
     outer = [p for p in all_params if id(p) not in layer_ids]
+    count(outer, torch.float32)
     outer_numel = sum(p.numel() for p in outer)
     outer_trainable = sum(p.numel() for p in outer if p.requires_grad and grads)
+    outer_image = image_layout(outer, torch.float32)[1]
     params = sum(layer_numels) + outer_numel
     trainable = sum(layer_trainable) + outer_trainable
     csize = _size(compute_dtype)
     state = max((optimizer_state_bytes(o) for o in optimizers), default=0) if grads else 0
     n_slots = prefetch + 1
-    host = {
-        "fp32 master weights": 4 * params,
-        "fp32 gradients": 4 * trainable,
-        "optimizer state (estimate)": state * trainable,
-        "gradient staging": 4 * outer_trainable + n_slots * csize * max(layer_trainable, default=0),
-    }
-    if compute_dtype != torch.float32:
-        host[f"{str(compute_dtype).removeprefix('torch.')} compute copies"] = csize * sum(layer_numels)
+    host = {"fp32 master weights": store["trainable"]}
+    if store["frozen"]:
+        host["frozen weights (as stored)"] = store["frozen"]
+    host["fp32 gradients"] = 4 * trainable
+    host["optimizer state (estimate)"] = state * trainable
+    host["gradient staging"] = 4 * outer_trainable + n_slots * csize * max(layer_trainable, default=0)
+    if store["cast"]:
+        host[f"{str(compute_dtype).removeprefix('torch.')} compute copies"] = store["cast"]
     dev = {
-        "weight slots": n_slots * csize * max(layer_numels, default=0),
+        "weight slots": n_slots * max(layer_images, default=0),
         "gradient buffers": n_slots * csize * max(layer_trainable, default=0),
-        "non-layer params and grads": 4 * outer_numel + 8 * outer_trainable,
+        "non-layer params and grads": outer_image + 8 * outer_trainable,
     }
+    stream_bytes = sum(layer_images)
     if batch_tokens:
         hidden = hidden_size or _hidden_size(module, layers)
         if hidden:
@@ -177,7 +220,11 @@ def plan_memory(
         trainable=trainable,
         host=host,
         device=dev,
-        host_in_use=4 * params,
+        host_in_use=store["trainable"] + store["frozen"],
+        layer_params=sum(layer_numels),
+        layer_trainable=sum(layer_trainable),
+        stream_bytes=stream_bytes,
+        grad_bytes=csize * sum(layer_trainable),
         host_available=psutil.virtual_memory().available,
         device_free=device_free,
     )
