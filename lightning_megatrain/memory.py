@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .engine.units import image_layout, stream_dtype
+from .engine.units import image_layout, stream_dtypes
 
 GiB = 1024**3
 
@@ -165,27 +165,27 @@ def plan_memory(
     layer_ids: set[int] = set()
     store = {"trainable": 0, "frozen": 0, "cast": 0}  # host bytes: fp32 masters, frozen as stored, compute copies
 
-    def count(ps: list[torch.Tensor], cdtype: torch.dtype) -> None:
-        for p in ps:
-            trainable = p.requires_grad and grads
-            store["trainable" if trainable else "frozen"] += p.numel() * p.element_size()
-            sd = stream_dtype(p, cdtype)
+    def count(ps: list[torch.Tensor], cdtype: torch.dtype) -> int:
+        """Add ``ps`` (one unit) to ``store``; return the bytes of the unit's streamed image."""
+        trainable = [p.requires_grad and grads for p in ps]
+        dtypes = stream_dtypes(ps, trainable, cdtype)
+        for p, t, sd in zip(ps, trainable, dtypes):
+            store["trainable" if t else "frozen"] += p.numel() * p.element_size()
             if sd != p.dtype:
                 store["cast"] += p.numel() * _size(sd)
+        return image_layout(dtypes, [p.numel() for p in ps])[1]
 
     for layer in layers:
         ps = list({id(p): p for p in layer.parameters()}.values())
         layer_ids.update(id(p) for p in ps)
         layer_numels.append(sum(p.numel() for p in ps))
         layer_trainable.append(sum(p.numel() for p in ps if p.requires_grad and grads))
-        layer_images.append(image_layout(ps, compute_dtype)[1])
-        count(ps, compute_dtype)
+        layer_images.append(count(ps, compute_dtype))
     all_params = list({id(p): p for p in module.parameters()}.values())
     outer = [p for p in all_params if id(p) not in layer_ids]
-    count(outer, torch.float32)
+    outer_image = count(outer, torch.float32)
     outer_numel = sum(p.numel() for p in outer)
     outer_trainable = sum(p.numel() for p in outer if p.requires_grad and grads)
-    outer_image = image_layout(outer, torch.float32)[1]
     params = sum(layer_numels) + outer_numel
     trainable = sum(layer_trainable) + outer_trainable
     csize = _size(compute_dtype)

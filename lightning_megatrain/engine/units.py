@@ -44,24 +44,38 @@ class Entry:
 ALIGN = 64  # bytes: every streamed tensor starts on a 64-byte boundary of the image and the slot
 
 
-def stream_dtype(p: torch.Tensor, compute_dtype: torch.dtype) -> torch.dtype:
-    """The dtype a parameter is streamed and computed in: fp32 matrices in the compute dtype (as
-    autocast would cast them for a matmul); vectors and non-fp32 tensors as they are stored."""
-    if p.dtype == torch.float32 and p.dim() >= 2:
-        return compute_dtype
-    return p.dtype
+ADAPTER_FRACTION = 4  # a layer whose trainable parameters are at most a quarter of it streams them in fp32
+
+
+def stream_dtypes(params: Sequence[torch.Tensor], trainable: Sequence[bool], compute_dtype: torch.dtype) -> list[torch.dtype]:
+    """The dtype each parameter of one unit is streamed and computed in.
+
+    fp32 matrices stream in the compute dtype (as autocast would cast them for a matmul); vectors
+    and non-fp32 tensors as they are stored. Trainable parameters that are a small part of their layer
+    (adapters such as LoRA on a frozen base) stream in fp32, as plain mixed precision hands them to the
+    layer: code that looks at a weight's dtype (PEFT casts the adapter input to it) then computes exactly
+    as in plain training, at a transfer cost of a few percent.
+    """
+    numel = sum(p.numel() for p in params)
+    tnumel = sum(p.numel() for p, t in zip(params, trainable) if t)
+    adapters = 0 < tnumel * ADAPTER_FRACTION <= numel
+    out = []
+    for p, t in zip(params, trainable):
+        cast = p.dtype == torch.float32 and p.dim() >= 2 and not (t and adapters)
+        out.append(compute_dtype if cast else p.dtype)
+    return out
 
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def image_layout(tensors: Sequence[torch.Tensor], compute_dtype: torch.dtype) -> tuple[list[int], int]:
+def image_layout(dtypes: Sequence[torch.dtype], numels: Sequence[int]) -> tuple[list[int], int]:
     """Byte offsets of each tensor's streamed copy in a unit image, and the image's size."""
     offsets, total = [], 0
-    for t in tensors:
+    for dtype, numel in zip(dtypes, numels):
         offsets.append(total)
-        total += _align(t.numel() * torch.empty((), dtype=stream_dtype(t, compute_dtype)).element_size())
+        total += _align(numel * torch.empty((), dtype=dtype).element_size())
     return offsets, total
 
 
@@ -111,10 +125,11 @@ class Unit:
         self.gnumel = sum(e.numel for e in entries if e.goffset is not None)
         self.compute_dtype = compute_dtype
         self.ticket = 0  # worker ticket of the last host task that updates the masters
-        offsets, nbytes = image_layout([e.param for e in entries], compute_dtype)
+        dtypes = stream_dtypes([e.param for e in entries], [e.goffset is not None for e in entries], compute_dtype)
+        offsets, nbytes = image_layout(dtypes, [e.numel for e in entries])
         mnumel = 0
-        for e, off in zip(entries, offsets):
-            e.stream_dtype = stream_dtype(e.param, compute_dtype)
+        for e, dtype, off in zip(entries, dtypes, offsets):
+            e.stream_dtype = dtype
             e.boffset = off
             e.soffset = None
             if e.stream_dtype != e.param.dtype:
