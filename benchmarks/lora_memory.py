@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         from _machine import machine, save_json
 
-        save_json({"machine": machine(), "args": passthrough, **result}, Path(args.out))
+        save_json(args.out, {"machine": machine(), "args": passthrough, **result})
     return result
 
 

@@ -20,6 +20,9 @@ from torch.optim import Optimizer
 
 from .checkpoint import (
     DEFAULT_SHARD_BYTES,
+    FROZEN_KEY,
+    CheckpointMismatchError,
+    weights_source,
     ShardedSave,
     check_optimizer_state,
     check_state_dict,
@@ -58,6 +61,10 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             forward. ``False`` makes ``optimizer_step`` return only when the update is done.
         async_checkpoint: write sharded checkpoints on a background thread while training goes on; each
             layer's next update waits until that layer's tensors are written, so the checkpoint is one step.
+        checkpoint_frozen: whether checkpoints of a fit hold the frozen parameters. ``None`` (default): not
+            when most parameters are frozen (adapter fine-tuning: a checkpoint holds what changes, plus a
+            reference to where the base weights came from; resume rebuilds the base as the module does);
+            ``True``: always the full model; ``False``: never.
     """
 
     strategy_name = "megatrain"
@@ -75,6 +82,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         checkpoint_shard_bytes: int = DEFAULT_SHARD_BYTES,
         async_checkpoint: bool = False,
         overlap_optimizer: bool = True,
+        checkpoint_frozen: Optional[bool] = None,
         device: Optional[Union[str, int, torch.device]] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         checkpoint_io: Optional[CheckpointIO] = None,
@@ -110,6 +118,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         self.checkpoint_shard_bytes = checkpoint_shard_bytes
         self.async_checkpoint = async_checkpoint
         self.overlap_optimizer = overlap_optimizer
+        self.checkpoint_frozen = checkpoint_frozen
         self._saving: Optional[ShardedSave] = None
         self.runtime: Optional[Runtime] = None
         self.memory_plan: Any = None
@@ -251,7 +260,22 @@ class MegaTrainStrategy(SingleDeviceStrategy):
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         self._wait()
-        return super().lightning_module_state_dict()
+        state = super().lightning_module_state_dict()
+        omit = self._frozen_to_omit()
+        return {k: v for k, v in state.items() if k not in omit} if omit else state
+
+    def _frozen_to_omit(self) -> set[str]:
+        """State-dict names of frozen parameters a checkpoint leaves out (see ``checkpoint_frozen``)."""
+        module = self.lightning_module
+        if module is None or self.checkpoint_frozen is True or not self.config.grads:
+            return set()
+        params = dict(module.named_parameters(remove_duplicate=False))
+        frozen = {k for k, p in params.items() if not p.requires_grad}
+        if self.checkpoint_frozen is None:
+            unique = {id(p): p for p in params.values()}.values()
+            if 2 * sum(p.numel() for p in unique if not p.requires_grad) <= sum(p.numel() for p in unique):
+                return set()
+        return frozen
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:
         self._wait()
@@ -271,7 +295,25 @@ class MegaTrainStrategy(SingleDeviceStrategy):
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         assert self.lightning_module is not None
         self._wait()
-        check_state_dict(self.lightning_module.state_dict(), checkpoint["state_dict"], strict=strict)
+        expected = self.lightning_module.state_dict()
+        omitted = checkpoint.get(FROZEN_KEY)
+        if omitted:
+            # the checkpoint left out frozen base weights: they are the module's own (rebuilt from their source)
+            params = dict(self.lightning_module.named_parameters(remove_duplicate=False))
+            bad = [n for n in omitted["names"] if n not in params or params[n].requires_grad]
+            if bad:
+                raise CheckpointMismatchError(
+                    f"the checkpoint left out frozen parameters that are not frozen parameters of this model: {bad[:10]}. "
+                    "Freeze the same parameters as the run that saved it."
+                )
+            expected = {k: v for k, v in expected.items() if k not in set(omitted["names"])}
+            rank_zero_info(
+                f"megatrain: the checkpoint holds no frozen base weights ({len(omitted['names'])} tensors); keeping the "
+                f"model's own (saved from: {omitted.get('source') or 'unknown'})."
+            )
+        check_state_dict(expected, checkpoint["state_dict"], strict=strict)
+        if omitted:
+            checkpoint = {**checkpoint, "state_dict": {**self.lightning_module.state_dict(), **checkpoint["state_dict"]}}
         super().load_model_state_dict(checkpoint, strict=strict)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
@@ -290,6 +332,9 @@ class MegaTrainStrategy(SingleDeviceStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         self._wait()
         self._finish_save()
+        omit = self._frozen_to_omit()
+        if omit and "state_dict" in checkpoint and not any(k in checkpoint["state_dict"] for k in omit):
+            checkpoint[FROZEN_KEY] = {"names": sorted(omit), "source": weights_source(self.lightning_module)}
         if self.checkpoint_format == "single_file":
             super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
             return

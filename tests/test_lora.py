@@ -141,3 +141,65 @@ def test_trainable_bf16_parameter_is_refused_before_allocation() -> None:
 
     with pytest.raises(TypeError, match=r"blocks.1.fc.weight.*bfloat16.*requires grad.*freeze"):
         trainer("megatrain", max_steps=1, precision="bf16-mixed").fit(Bad(), data())
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _fit(model: Recorder, steps: int, ckpt: Any = None, **kwargs: Any) -> L.Trainer:
+    t = trainer("megatrain", max_steps=steps, precision="bf16-mixed", **kwargs)
+    t.fit(model, data(n=8), ckpt_path=ckpt)  # two batches an epoch: a checkpoint at step 2 ends an epoch
+    return t
+
+
+@pytest.mark.parametrize("fmt", ["sharded", "single_file"])
+def test_lora_checkpoint_holds_what_changes_and_resumes_exactly(tmp_path: Any, fmt: str) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_megatrain import MegaTrainStrategy
+    from lightning_megatrain import checkpoint as ck
+
+    def run(ckpt: Any, d: str) -> LoraLM:
+        L.seed_everything(0)
+        model = LoraLM(dropout=0.0)  # rebuilds the same base, as a module loading its base weights does
+        cb = ModelCheckpoint(dirpath=tmp_path / d, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+        t = trainer(MegaTrainStrategy(checkpoint_format=fmt), max_steps=4, precision="bf16-mixed",
+                    enable_checkpointing=True, callbacks=[cb])
+        t.fit(model, data(n=8), ckpt_path=ckpt)
+        return model
+
+    straight = run(None, "a")
+    path = tmp_path / "a" / "step=2.ckpt"
+    saved = ck.load_any(path)
+    trainable = {n for n, p in straight.named_parameters() if p.requires_grad}
+    assert set(saved["state_dict"]) == trainable  # no base weight in the checkpoint
+    frozen = [p for p in straight.parameters() if not p.requires_grad]
+    assert len(saved["megatrain_frozen"]["names"]) == len(frozen)
+    resumed = run(path, "b")
+    assert resumed.losses == straight.losses[2:]
+    for (name, p), q in zip(resumed.named_parameters(), straight.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_checkpoint_frozen_true_keeps_the_full_model(tmp_path: Any) -> None:
+    from lightning_megatrain import MegaTrainStrategy
+    from lightning_megatrain import checkpoint as ck
+
+    L.seed_everything(0)
+    model = LoraLM(dropout=0.0)
+    t = trainer(MegaTrainStrategy(checkpoint_frozen=True), max_steps=1, precision="bf16-mixed")
+    t.fit(model, data())
+    t.save_checkpoint(tmp_path / "full")
+    saved = ck.load_any(tmp_path / "full")
+    assert set(saved["state_dict"]) == set(model.state_dict()) and "megatrain_frozen" not in saved
+
+
+def test_resume_refuses_a_checkpoint_whose_omitted_parameters_are_trainable_here(tmp_path: Any) -> None:
+    from lightning_megatrain.checkpoint import CheckpointMismatchError
+
+    L.seed_everything(0)
+    t = _fit(LoraLM(dropout=0.0), 1)
+    t.save_checkpoint(tmp_path / "c")
+    other = LoraLM(dropout=0.0)
+    other.model.base_model.model.lm_head.weight.data = other.model.base_model.model.lm_head.weight.data.float()
+    other.model.base_model.model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(CheckpointMismatchError, match="lm_head"):
+        _fit(other, 2, ckpt=tmp_path / "c")
