@@ -203,3 +203,33 @@ def test_resume_refuses_a_checkpoint_whose_omitted_parameters_are_trainable_here
     other.model.base_model.model.lm_head.weight.requires_grad_(True)
     with pytest.raises(CheckpointMismatchError, match="lm_head"):
         _fit(other, 2, ckpt=tmp_path / "c")
+
+
+def test_telemetry_frozen_base_crosses_twice_in_bf16_and_only_adapter_grads_come_back() -> None:
+    seen: dict[str, Any] = {}
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            rt = trainer.strategy.runtime
+            rt.stats()  # reset
+            seen["images"] = [u.nbytes for u in rt.layer_units]
+            seen["slots"] = len(rt.slots.slots)
+            seen["adapters"] = sum(u.gnumel for u in rt.layer_units)
+            seen["outer"] = rt.outer.nbytes
+            seen["outer_grads"] = rt.outer.gnumel
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            seen["stats"] = trainer.strategy.runtime.stats()
+
+    L.seed_everything(0)
+    trainer("megatrain", max_steps=1, precision="bf16-mixed", callbacks=[Probe()]).fit(LoraLM(dropout=0.0), data())
+    stats = seen["stats"]
+    # each layer image (bf16 base, fp32 adapters) in twice, forward then the recompute in backward,
+    # except the last layers, still resident in their slots when backward starts
+    images, slots = seen["images"], seen["slots"]
+    layer = list(LoraLM().model.base_model.model.model.layers[0].parameters())
+    as_stored = sum(p.numel() * p.element_size() for p in layer)  # bf16 base, fp32 adapters: nothing cast
+    assert len(set(images)) == 1 and as_stored <= images[0] < as_stored + 64 * len(layer)
+    assert stats.h2d_bytes == (2 * len(images) - slots) * images[0] + seen["outer"]
+    assert stats.d2h_bytes == 2 * seen["adapters"] + 4 * seen["outer_grads"]  # bf16 adapter grads only
+    assert seen["outer_grads"] == 0
