@@ -41,6 +41,8 @@ OPTIMIZER_INDEX = "optimizer.safetensors.index.json"
 STATE_FILE = "lightning_state.pt"
 META_FILE = "megatrain.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+# a checkpoint that leaves out frozen parameters says which, and where the base weights came from
+FROZEN_KEY = "megatrain_frozen"
 
 _PathLike = Union[str, os.PathLike]
 
@@ -586,6 +588,21 @@ def export_hf(
     return out
 
 
+def weights_source(module: Optional[nn.Module]) -> Optional[str]:
+    """Where ``module``'s base weights came from: the directory given to :func:`load_hf_weights`, or
+    an HF model's ``config._name_or_path``; None if unknown."""
+    if module is None:
+        return None
+    source = getattr(module, "_megatrain_weights_source", None)
+    if source:
+        return str(source)
+    for m in module.modules():
+        name = getattr(getattr(m, "config", None), "_name_or_path", None)
+        if isinstance(name, str) and name:
+            return name
+    return None
+
+
 def load_hf_weights(module: nn.Module, hf_dir: _PathLike, prefix: Optional[str] = None, strict: bool = True) -> None:
     """Copy weights from an HF safetensors directory into ``module``'s parameters in host memory
     (memory-mapped, one tensor at a time; nothing goes to the GPU).
@@ -615,6 +632,7 @@ def load_hf_weights(module: nn.Module, hf_dir: _PathLike, prefix: Optional[str] 
         for name, target in wanted.items():
             if name in tensors:
                 target.copy_(tensors[name])
+    module._megatrain_weights_source = str(hf_dir.resolve())  # recorded in checkpoints that leave the base out
 
 
 def main(argv: Iterable[str] | None = None) -> int:

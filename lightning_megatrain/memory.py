@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .engine.units import image_layout, stream_dtypes
+
 GiB = 1024**3
 
 HOST_MEMORY_MODES = ("auto", "fast", "compact", "lean")
@@ -100,6 +102,26 @@ class MemoryPlan:
     device_free: int | None = None
     host_memory: str = "fast"
     host_memory_reason: str = ""
+    layer_params: int = 0  # parameters of the streamed layers
+    layer_trainable: int = 0  # of which trainable
+    stream_bytes: int = 0  # bytes one pass over the layers copies to the device (all layer images)
+    grad_bytes: int = 0  # bytes of layer gradients copied back per micro-batch
+
+    def transfer_bytes(self) -> int:
+        """Bytes over the host link per micro-batch: every layer's weights twice (forward, then the
+        recompute in backward), and the trainable layer parameters' gradients back."""
+        return 2 * self.stream_bytes + self.grad_bytes
+
+    def tokens_to_hide_transfers(self, link_bytes_s: float = 50e9, device_flops: float = 800e12) -> int:
+        """Tokens per micro-batch from which the layer compute (forward 2N, recompute 2N, input
+        gradients 2N and weight gradients 2N_trainable FLOPs per token) outlasts the transfers.
+
+        Defaults: ~50 GB/s per direction of pinned PCIe 5 x16, ~800 dense bf16 TFLOPS (H100)."""
+        flops_per_token = 6 * self.layer_params + 2 * self.layer_trainable
+        if not flops_per_token:
+            return 0
+        seconds = self.transfer_bytes() / link_bytes_s
+        return int(seconds * device_flops / flops_per_token + 0.5)
 
     @property
     def host_total(self) -> int:
@@ -153,6 +175,12 @@ class MemoryPlan:
         rows += [f"    {k:<32}{_fmt(v):>12}" for k, v in self.device.items()]
         free = "not checked (CPU)" if self.device_free is None else _fmt(self.device_free)
         rows.append(f"    {'total':<32}{_fmt(self.device_total):>12}  (free now: {free})")
+        if self.stream_bytes:
+            rows.append(
+                f"  host link per micro-batch: {_fmt(self.transfer_bytes())} (weights in twice, layer gradients out); "
+                f"hidden behind compute from ~{self.tokens_to_hide_transfers():,} tokens per micro-batch "
+                "(at 50 GB/s and 800 TFLOPS)"
+            )
         rows.append(f"  fits: {'yes' if self.fits() else 'NO'}")
         return "\n".join(rows)
 
@@ -195,28 +223,44 @@ def plan_memory(
     """
     if host_memory not in ("fast", "compact", "lean"):
         raise ValueError(f"plan_memory needs a resolved host_memory ('fast', 'compact' or 'lean'), got {host_memory!r}")
-    layer_numels, layer_trainable = [], []
+    layer_numels, layer_trainable, layer_images = [], [], []
     layer_ids: set[int] = set()
+    store = {"trainable": 0, "frozen": 0, "cast": 0}  # host bytes: fp32 masters, frozen as stored, compute copies
+
+    def count(ps: list[torch.Tensor], cdtype: torch.dtype) -> int:
+        """Add ``ps`` (one unit) to ``store``; return the bytes of the unit's streamed image."""
+        trainable = [p.requires_grad and grads for p in ps]
+        dtypes = stream_dtypes(ps, trainable, cdtype)
+        for p, t, sd in zip(ps, trainable, dtypes):
+            store["trainable" if t else "frozen"] += p.numel() * p.element_size()
+            if sd != p.dtype:
+                store["cast"] += p.numel() * _size(sd)
+        return image_layout(dtypes, [p.numel() for p in ps])[1]
+
+    # without a host compute copy ("compact", "lean") the layers stream their fp32 masters
+    stream_dtype = compute_dtype if host_memory == "fast" else torch.float32
     for layer in layers:
         ps = list({id(p): p for p in layer.parameters()}.values())
         layer_ids.update(id(p) for p in ps)
         layer_numels.append(sum(p.numel() for p in ps))
         layer_trainable.append(sum(p.numel() for p in ps if p.requires_grad and grads))
+        layer_images.append(count(ps, stream_dtype))
     all_params = list({id(p): p for p in module.parameters()}.values())
     outer = [p for p in all_params if id(p) not in layer_ids]
+    outer_image = count(outer, torch.float32)
     outer_numel = sum(p.numel() for p in outer)
     outer_trainable = sum(p.numel() for p in outer if p.requires_grad and grads)
     params = sum(layer_numels) + outer_numel
     trainable = sum(layer_trainable) + outer_trainable
     csize = _size(compute_dtype)  # activations
-    ssize = csize if host_memory == "fast" else 4  # streamed weights and their gradient buffers
+    ssize = _size(stream_dtype)  # layer gradient buffers
     optimizers = list(optimizers)
     state = max((optimizer_state_bytes(o) for o in optimizers), default=0) if grads else 0
     n_slots = prefetch + 1
-    host = {
-        "fp32 master weights": 4 * params,
-        "fp32 gradients": 4 * trainable,
-    }
+    host = {"fp32 master weights": store["trainable"]}
+    if store["frozen"]:
+        host["frozen weights (as stored)"] = store["frozen"]
+    host["fp32 gradients"] = 4 * trainable
     if host_memory == "lean":
         host["optimizer state, bf16 (estimate)"] = state // 2 * trainable
         # chunks of one layer's size; a single parameter larger than a layer is widened whole
@@ -225,13 +269,14 @@ def plan_memory(
     else:
         host["optimizer state (estimate)"] = state * trainable
     host["gradient staging"] = 4 * outer_trainable + n_slots * ssize * max(layer_trainable, default=0)
-    if host_memory == "fast" and compute_dtype != torch.float32:
-        host[f"{str(compute_dtype).removeprefix('torch.')} compute copies"] = csize * sum(layer_numels)
+    if store["cast"]:
+        host[f"{str(compute_dtype).removeprefix('torch.')} compute copies"] = store["cast"]
     dev = {
-        "weight slots": n_slots * ssize * max(layer_numels, default=0),
+        "weight slots": n_slots * max(layer_images, default=0),
         "gradient buffers": n_slots * ssize * max(layer_trainable, default=0),
-        "non-layer params and grads": 4 * outer_numel + 8 * outer_trainable,
+        "non-layer params and grads": outer_image + 8 * outer_trainable,
     }
+    stream_bytes = sum(layer_images)
     if batch_tokens:
         hidden = hidden_size or _hidden_size(module, layers)
         if hidden:
@@ -246,7 +291,11 @@ def plan_memory(
         trainable=trainable,
         host=host,
         device=dev,
-        host_in_use=4 * params,
+        host_in_use=store["trainable"] + store["frozen"],
+        layer_params=sum(layer_numels),
+        layer_trainable=sum(layer_trainable),
+        stream_bytes=stream_bytes,
+        grad_bytes=ssize * sum(layer_trainable),
         host_available=psutil.virtual_memory().available if host_available is None else host_available,
         device_free=device_free,
         host_memory=host_memory,

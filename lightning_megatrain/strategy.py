@@ -20,6 +20,9 @@ from torch.optim import Optimizer
 
 from .checkpoint import (
     DEFAULT_SHARD_BYTES,
+    FROZEN_KEY,
+    CheckpointMismatchError,
+    weights_source,
     ShardedSave,
     check_optimizer_state,
     check_state_dict,
@@ -66,6 +69,10 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             (rounded to nearest; see docs/host-memory.md for the numerics). ``"auto"``: ``"compact"`` where
             the extra transfer costs no time (the CPU; ``plan_batch_tokens`` at or above the tokens that
             hide it), else ``"fast"``; the memory plan says which and why.
+        checkpoint_frozen: whether checkpoints of a fit hold the frozen parameters. ``None`` (default): not
+            when most parameters are frozen (adapter fine-tuning: a checkpoint holds what changes, plus a
+            reference to where the base weights came from; resume rebuilds the base as the module does);
+            ``True``: always the full model; ``False``: never.
     """
 
     strategy_name = "megatrain"
@@ -84,6 +91,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         async_checkpoint: bool = False,
         overlap_optimizer: bool = True,
         host_memory: Literal["auto", "fast", "compact", "lean"] = "auto",
+        checkpoint_frozen: Optional[bool] = None,
         device: Optional[Union[str, int, torch.device]] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         checkpoint_io: Optional[CheckpointIO] = None,
@@ -124,6 +132,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         self.async_checkpoint = async_checkpoint
         self.overlap_optimizer = overlap_optimizer
         self.host_memory = host_memory
+        self.checkpoint_frozen = checkpoint_frozen
         self._saving: Optional[ShardedSave] = None
         self.runtime: Optional[Runtime] = None
         self.memory_plan: Any = None
@@ -269,7 +278,22 @@ class MegaTrainStrategy(SingleDeviceStrategy):
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         self._wait()
-        return super().lightning_module_state_dict()
+        state = super().lightning_module_state_dict()
+        omit = self._frozen_to_omit()
+        return {k: v for k, v in state.items() if k not in omit} if omit else state
+
+    def _frozen_to_omit(self) -> set[str]:
+        """State-dict names of frozen parameters a checkpoint leaves out (see ``checkpoint_frozen``)."""
+        module = self.lightning_module
+        if module is None or self.checkpoint_frozen is True or not self.config.grads:
+            return set()
+        params = dict(module.named_parameters(remove_duplicate=False))
+        frozen = {k for k, p in params.items() if not p.requires_grad}
+        if self.checkpoint_frozen is None:
+            unique = {id(p): p for p in params.values()}.values()
+            if 2 * sum(p.numel() for p in unique if not p.requires_grad) <= sum(p.numel() for p in unique):
+                return set()
+        return frozen
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:
         self._wait()
@@ -289,7 +313,25 @@ class MegaTrainStrategy(SingleDeviceStrategy):
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         assert self.lightning_module is not None
         self._wait()
-        check_state_dict(self.lightning_module.state_dict(), checkpoint["state_dict"], strict=strict)
+        expected = self.lightning_module.state_dict()
+        omitted = checkpoint.get(FROZEN_KEY)
+        if omitted:
+            # the checkpoint left out frozen base weights: they are the module's own (rebuilt from their source)
+            params = dict(self.lightning_module.named_parameters(remove_duplicate=False))
+            bad = [n for n in omitted["names"] if n not in params or params[n].requires_grad]
+            if bad:
+                raise CheckpointMismatchError(
+                    f"the checkpoint left out frozen parameters that are not frozen parameters of this model: {bad[:10]}. "
+                    "Freeze the same parameters as the run that saved it."
+                )
+            expected = {k: v for k, v in expected.items() if k not in set(omitted["names"])}
+            rank_zero_info(
+                f"megatrain: the checkpoint holds no frozen base weights ({len(omitted['names'])} tensors); keeping the "
+                f"model's own (saved from: {omitted.get('source') or 'unknown'})."
+            )
+        check_state_dict(expected, checkpoint["state_dict"], strict=strict)
+        if omitted:
+            checkpoint = {**checkpoint, "state_dict": {**self.lightning_module.state_dict(), **checkpoint["state_dict"]}}
         trainer = self.lightning_module._trainer
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING and self.lightning_restore_optimizer:
             # Lightning loads the optimizer state after the weights: refuse a mismatch before either changes
@@ -313,6 +355,9 @@ class MegaTrainStrategy(SingleDeviceStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         self._wait()
         self._finish_save()
+        omit = self._frozen_to_omit()
+        if omit and "state_dict" in checkpoint and not any(k in checkpoint["state_dict"] for k in omit):
+            checkpoint[FROZEN_KEY] = {"names": sorted(omit), "source": weights_source(self.lightning_module)}
         if self.checkpoint_format == "single_file":
             super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
             return

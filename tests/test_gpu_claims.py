@@ -49,7 +49,11 @@ def residency_bound(
     def unique(params: Any) -> list[nn.Parameter]:
         return list({id(p): p for p in params}.values())
 
-    layer_numel = max(sum(p.numel() for p in unique(layer.parameters())) for layer in layers)
+    def image(ps: list[nn.Parameter]) -> int:
+        # one slot holds a layer's image: matrices in the compute dtype, vectors in fp32, 64-byte aligned
+        return sum(-(-p.numel() * (csize if p.dim() >= 2 else 4) // 64) * 64 for p in ps)
+
+    layer_image = max(image(unique(layer.parameters())) for layer in layers)
     layer_trainable = max(sum(p.numel() for p in unique(layer.parameters()) if p.requires_grad) for layer in layers)
     inside = {id(p) for layer in layers for p in layer.parameters()}
     outer = [p for p in unique(model.parameters()) if id(p) not in inside]
@@ -57,7 +61,7 @@ def residency_bound(
     outer_trainable = sum(p.numel() for p in outer if p.requires_grad)
     slots = prefetch + 1
     return ResidencyBound(
-        weight_slots=slots * layer_numel * csize,
+        weight_slots=slots * layer_image,
         grad_buffers=slots * layer_trainable * csize,
         non_layer=4 * outer_numel + 2 * 4 * outer_trainable,
         saved_inputs=saved_inputs,
@@ -74,10 +78,11 @@ def test_residency_bound_matches_the_engines_device_buffers() -> None:
     per_layer = 8 * 32 + 32 + 32 * 8 + 8
     outer = 16 * 8 + 8 * 16 + 16
     b = residency_bound(model, layers, torch.bfloat16, prefetch=2, saved_inputs=100, working_set=10)
-    assert b.weight_slots == 3 * per_layer * 2 and b.grad_buffers == 3 * per_layer * 2
+    image = 8 * 32 * 2 + 32 * 4 + 32 * 8 * 2 + 64  # the 8-float bias takes a 64-byte line
+    assert b.weight_slots == 3 * image and b.grad_buffers == 3 * per_layer * 2
     assert b.non_layer == 4 * outer + 8 * outer
     assert b.total == b.weight_slots + b.grad_buffers + b.non_layer + 110
-    rt = Runtime(model, torch.device("cpu"), torch.bfloat16, RuntimeConfig(prefetch=2))
+    rt = Runtime(model, torch.device("cpu"), torch.bfloat16, RuntimeConfig(prefetch=2, host_memory="fast"))
     try:
         slot_bytes = sum(s.buf.numel() * s.buf.element_size() for s in rt.slots.slots)
         assert slot_bytes == b.weight_slots

@@ -57,10 +57,15 @@ def test_bytes_moved_per_step_equal_the_models_streamed_bytes(
     n = len(layers)
     per_layer = _numel(layers[0].parameters())
     assert all(_numel(layer.parameters()) == per_layer for layer in layers)
+    # one copy moves a layer's image: matrices in the streamed dtype, vectors in fp32, each 64-byte aligned
+    sdtype = 2 if precision == "bf16-mixed" and host_memory == "fast" else 4
+    image = sum(-(-p.numel() * (sdtype if p.dim() >= 2 else 4) // 64) * 64 for p in layers[0].parameters())
     layer_total = _numel(p for layer in layers for p in layer.parameters())
     outer = _numel(model.parameters()) - layer_total
     csize = 2 if precision == "bf16-mixed" and host_memory == "fast" else 4
-    h2d = csize * per_layer * (n + n - min(prefetch + 1, n)) + 4 * outer
+    layer_ids = {id(p) for layer in layers for p in layer.parameters()}
+    outer_image = sum(-(-p.numel() * 4 // 64) * 64 for p in {id(p): p for p in model.parameters()}.values() if id(p) not in layer_ids)
+    h2d = image * (n + n - min(prefetch + 1, n)) + outer_image  # the non-layer parameters in fp32
     d2h = csize * layer_total + 4 * outer  # everything is trainable here
     assert len(keep.steps) == 4
     for m in keep.steps:

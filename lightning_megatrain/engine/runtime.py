@@ -102,10 +102,12 @@ class Runtime:
         self._check_sharing()
         _check_side_outputs(module)
         for name, p in module.named_parameters():
-            if p.dtype != torch.float32:
+            if p.requires_grad and config.grads and p.dtype != torch.float32:
                 raise TypeError(
-                    f"megatrain keeps fp32 master weights, but parameter {name!r} is {p.dtype}. Build the model in "
-                    "float32 (the precision setting picks the compute dtype)."
+                    f"megatrain keeps fp32 master weights for trainable parameters, but {name!r} is {p.dtype} and "
+                    "requires grad. Keep trainable parameters (e.g. adapters) in float32 and freeze the low-precision "
+                    "ones (requires_grad_(False)); frozen parameters are stored as they are. The precision setting "
+                    "picks the compute dtype."
                 )
         if before_alloc is not None:
             before_alloc(self.layers)
@@ -205,10 +207,11 @@ class Runtime:
                     m._buffers[name] = b.to(self.device)
 
     def _make_device_buffers(self, pin: bool) -> None:
-        numel = max((u.numel for u in self.layer_units), default=0)
+        nbytes = max((u.nbytes for u in self.layer_units), default=0)
         gnumel = max((u.gnumel for u in self.layer_units), default=0)
         n_slots = self.config.prefetch + 1
-        self.slots = SlotPool(n_slots if numel else 0, numel, self.compute_dtype, self.streams)
+        # a slot is a byte buffer laid out as the units' images (tensors of several dtypes)
+        self.slots = SlotPool(n_slots if nbytes else 0, nbytes, torch.uint8, self.streams)
         channels = []
         if gnumel:
             self._channel_arena = HostArena([(gnumel, self.compute_dtype)] * n_slots, pin=pin)
@@ -342,9 +345,9 @@ class Runtime:
         self._check_trainable(outer)
         if not outer.entries:
             return
-        dev = torch.empty(outer.numel, dtype=torch.float32, device=self.device)
-        self.streams.copy(self.streams.compute(), dev, outer.master)
-        self._stats.h2d_bytes += outer.numel * 4
+        dev = torch.empty(outer.nbytes, dtype=torch.uint8, device=self.device)
+        self.streams.copy(self.streams.compute(), dev, outer.compute)
+        self._stats.h2d_bytes += outer.nbytes
         leaves = [nn.Parameter(outer.param_view(dev, e), requires_grad=e.goffset is not None) for e in outer.entries]
         outer.bind(leaves)
         self._leaves.append(leaves)

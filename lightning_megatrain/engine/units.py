@@ -2,8 +2,16 @@
 outside the layers (embeddings, head, norms, raw parameters, tied weights), which is bound on the
 device for the whole step.
 
-Module parameters become views into the arena's fp32 master buffer, so ``parameters()``,
-``state_dict()`` keys, optimizers and user code keep working on the same ``Parameter`` objects.
+Module parameters become views into the arena, so ``parameters()``, ``state_dict()`` keys,
+optimizers and user code keep working on the same ``Parameter`` objects. How a parameter is held:
+
+- trainable (fp32 only): an fp32 master, an fp32 gradient, optimizer state;
+- frozen: stored once, in the dtype it has (a bf16 base costs 2 bytes per parameter), no gradient;
+- streamed: each parameter has a copy in the unit's *image*, one contiguous byte buffer laid out as
+  the device slot is, so one copy moves a layer. Matrices (``dim >= 2``, what autocast casts for a
+  matmul) are streamed in the compute dtype; vectors (norm weights, biases) and anything not fp32 are
+  streamed as they are stored, so norms compute with the fp32 weights plain mixed precision uses.
+  Where the streamed dtype equals the stored one the image *is* the storage (no second copy).
 """
 
 from __future__ import annotations
@@ -28,6 +36,47 @@ class Entry:
     goffset: int | None  # None: frozen, no gradient space
     refs: list[tuple[nn.Module, str]] = field(default_factory=list)
     name: str = ""
+    stream_dtype: torch.dtype | None = None  # dtype of its copy in the unit's image (and device slot)
+    boffset: int = 0  # byte offset of that copy in the image
+    soffset: int | None = None  # element offset of a separate fp32 copy in ``master``; None: stored in the image
+
+
+ALIGN = 64  # bytes: every streamed tensor starts on a 64-byte boundary of the image and the slot
+
+
+ADAPTER_FRACTION = 4  # a layer whose trainable parameters are at most a quarter of it streams them in fp32
+
+
+def stream_dtypes(params: Sequence[torch.Tensor], trainable: Sequence[bool], compute_dtype: torch.dtype) -> list[torch.dtype]:
+    """The dtype each parameter of one unit is streamed and computed in.
+
+    fp32 matrices stream in the compute dtype (as autocast would cast them for a matmul); vectors
+    and non-fp32 tensors as they are stored. Trainable parameters that are a small part of their layer
+    (adapters such as LoRA on a frozen base) stream in fp32, as plain mixed precision hands them to the
+    layer: code that looks at a weight's dtype (PEFT casts the adapter input to it) then computes exactly
+    as in plain training, at a transfer cost of a few percent.
+    """
+    numel = sum(p.numel() for p in params)
+    tnumel = sum(p.numel() for p, t in zip(params, trainable) if t)
+    adapters = 0 < tnumel * ADAPTER_FRACTION <= numel
+    out = []
+    for p, t in zip(params, trainable):
+        cast = p.dtype == torch.float32 and p.dim() >= 2 and not (t and adapters)
+        out.append(compute_dtype if cast else p.dtype)
+    return out
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def image_layout(dtypes: Sequence[torch.dtype], numels: Sequence[int]) -> tuple[list[int], int]:
+    """Byte offsets of each tensor's streamed copy in a unit image, and the image's size."""
+    offsets, total = [], 0
+    for dtype, numel in zip(dtypes, numels):
+        offsets.append(total)
+        total += _align(numel * torch.empty((), dtype=dtype).element_size())
+    return offsets, total
 
 
 def collect_entries(modules: list[tuple[str, nn.Module]], exclude: set[int], grads: bool = True) -> list[Entry]:
@@ -54,7 +103,8 @@ def collect_entries(modules: list[tuple[str, nn.Module]], exclude: set[int], gra
 
 
 class Unit:
-    """Host arena of one group: fp32 master, fp32 gradient, compute-dtype copy, gradient staging."""
+    """Host arena of one group: fp32 masters of cast parameters, fp32 gradients, the streamed image
+    (frozen and uncast parameters live there directly), and gradient staging."""
 
     def __init__(
         self,
@@ -75,24 +125,48 @@ class Unit:
         self.gnumel = sum(e.numel for e in entries if e.goffset is not None)
         self.compute_dtype = compute_dtype
         self.ticket = 0  # worker ticket of the last host task that updates the masters
-        separate = compute_dtype != torch.float32
-        layout = [(self.numel, torch.float32), (self.gnumel, torch.float32)]
-        if separate:
-            layout.append((self.numel, compute_dtype))
+        dtypes = stream_dtypes([e.param for e in entries], [e.goffset is not None for e in entries], compute_dtype)
+        offsets, nbytes = image_layout(dtypes, [e.numel for e in entries])
+        mnumel = 0
+        for e, dtype, off in zip(entries, dtypes, offsets):
+            e.stream_dtype = dtype
+            e.boffset = off
+            e.soffset = None
+            if e.stream_dtype != e.param.dtype:
+                e.soffset = mnumel
+                mnumel += e.numel
+        self.nbytes = nbytes
+        layout = [(mnumel, torch.float32), (self.gnumel, torch.float32), (nbytes, torch.uint8)]
         if staging:
             layout.append((self.gnumel, compute_dtype))
         self.arena = HostArena(layout, pin=pin)
         bufs = self.arena.buffers
         self.master, self.grad = bufs[0], bufs[1]
-        self.compute = bufs[2] if separate else self.master
-        self.staging = bufs[-1] if staging else None
+        self.compute = bufs[2]  # the image: what one H2D copy puts in a device slot
+        self.staging = bufs[3] if staging else None
+        self._cast = [e for e in entries if e.soffset is not None]  # stored fp32, streamed in the compute dtype
         with torch.no_grad():
             for e in entries:
-                view = self.master[e.offset : e.offset + e.numel].view(e.shape)
+                view = self.store_view(e)
                 view.copy_(e.param.data)
                 e.param.data = view  # the old storage is freed here, one unit at a time
-        self._synced = -1
+        self._synced: dict[int, int] = {}
+        self._synced_raw = -1
         self.refresh_compute()
+
+    def store_view(self, e: Entry) -> torch.Tensor:
+        """Where the parameter itself lives: its fp32 master, or its own bytes in the image."""
+        if e.soffset is not None:
+            return self.master[e.soffset : e.soffset + e.numel].view(e.shape)
+        return self.param_view(self.compute, e)
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s memory is in this unit's arena (its masters or its image)."""
+        for buf in (self.master, self.compute):
+            start = buf.data_ptr()
+            if buf.numel() and start <= t.data_ptr() < start + buf.numel() * buf.element_size():
+                return True
+        return False
 
     def buffers(self) -> list[torch.Tensor]:
         return list(self.module.buffers()) if self.module is not None else []
@@ -104,19 +178,28 @@ class Unit:
     def trainable(self) -> bool:
         return self.gnumel > 0
 
-    def _version(self) -> int:
-        return self.master._version + sum(e.param._version for e in self.entries)
-
     def refresh_compute(self) -> None:
-        """Re-cast the compute copy if the masters changed in place since the last cast."""
-        version = self._version()
-        if version == self._synced:
-            return
-        if self.compute is not self.master:
-            self.compute.copy_(self.master)
-        self._synced = self._version()
+        """Re-cast the streamed copies of the fp32 masters that changed in place since the last cast.
+
+        A frozen master is cast once (again only if something writes it, e.g. a checkpoint load);
+        trainable ones also when the arena was written through another view."""
+        raw = self.compute._version
+        with torch.no_grad():
+            for e in self._cast:
+                version = e.param._version
+                if self._synced.get(id(e)) == version and (e.goffset is None or raw == self._synced_raw):
+                    continue
+                self.param_view(self.compute, e).copy_(self.store_view(e))
+                self._synced[id(e)] = version
+        self._synced_raw = self.compute._version
 
     def param_view(self, buf: torch.Tensor, e: Entry) -> torch.Tensor:
+        """The parameter's streamed copy in ``buf``: an image-shaped byte buffer (host image or device
+        slot), or a flat buffer of one dtype indexed by element offsets."""
+        if buf.dtype == torch.uint8:
+            assert e.stream_dtype is not None
+            size = torch.empty((), dtype=e.stream_dtype).element_size()
+            return buf[e.boffset : e.boffset + e.numel * size].view(e.stream_dtype).view(e.shape)
         return buf[e.offset : e.offset + e.numel].view(e.shape)
 
     def grad_view(self, e: Entry) -> torch.Tensor:
