@@ -57,6 +57,19 @@ class RuntimeConfig:
     offload_activations: bool = False
 
 
+def _dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _size_class(nbytes: int) -> int:
+    """The smallest m * 2**k >= nbytes with m in 4..7: few distinct sizes, at most 25% unused."""
+    if nbytes <= 4:
+        return max(nbytes, 1)
+    k = max(nbytes.bit_length() - 3, 0)
+    m = -(-nbytes // (1 << k))
+    return m << k
+
+
 def _check_side_outputs(module: nn.Module) -> None:
     """Refuse what megatrain would silently get wrong: a loss built from tensors captured inside a
     streamed layer (HF's router logits are recorded by forward hooks inside each decoder layer)."""
@@ -420,7 +433,7 @@ class Runtime:
     def _run_layer(self, unit: Unit, fn: Any, args: tuple, kwargs: dict) -> Any:
         if torch.is_grad_enabled():
             call = LayerCall(self, unit, fn, *strip_caches(args, kwargs))
-            tensors = call.tensors()
+            tensors = call.take_tensors()
             if unit.trainable or any(t.requires_grad for t in tensors):
                 outs = LayerFunction.apply(call, self._anchor, *tensors)
                 return call.join_output(outs)
@@ -467,20 +480,26 @@ class Runtime:
         return kept
 
     def _host_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """The next host buffer for an offloaded input, reused step to step.
+
+        Each position in the step's order owns one arena of raw bytes, sized to a size class (at most
+        25% above the request) and only ever grown, so steps whose sequence lengths vary reuse the same
+        page-locked memory instead of unregistering and registering it again (a slow, synchronising call).
+        """
         index = self._act_used
         self._act_used += 1
+        nbytes = numel * _dtype_size(dtype)
         pin = self.config.pin_memory and self.device.type == "cuda"
-        if index < len(self._act_arenas):
-            arena = self._act_arenas[index]
-            buf = arena.buffers[0] if arena.buffers else None
-            if buf is not None and buf.dtype == dtype and buf.numel() == numel:
-                return buf
-            arena.release()
-            self._act_arenas[index] = arena = HostArena([(numel, dtype)], pin=pin)
-        else:
-            arena = HostArena([(numel, dtype)], pin=pin)
-            self._act_arenas.append(arena)
-        return arena.buffers[0]
+        arena = self._act_arenas[index] if index < len(self._act_arenas) else None
+        if arena is None or arena.nbytes < nbytes:
+            if arena is not None:
+                arena.release()
+            arena = HostArena([(_size_class(nbytes), torch.uint8)], pin=pin)
+            if index < len(self._act_arenas):
+                self._act_arenas[index] = arena
+            else:
+                self._act_arenas.append(arena)
+        return arena.buffers[0][:nbytes].view(dtype)
 
     def _offload(self, t: torch.Tensor) -> _Offloaded:
         streams = self.streams
