@@ -28,6 +28,7 @@ from .checkpoint import (
 )
 from .engine import Runtime, RuntimeConfig, check_optimizer
 from .memory import plan_memory
+from .placement import place_states
 from .precision import MegaTrainPrecision
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,10 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             yield
 
     def model_to_device(self) -> None:
-        # Parameters stay on the host; the runtime moves buffers and streams weights.
-        pass
+        # Parameters stay on the host (the runtime streams them); buffers, metric states and the
+        # LightningModule's ``device`` go to the root device, as user code expects of ``self.device``.
+        assert self.model is not None
+        place_states(self.model, self.root_device)
 
     # ------------------------------------------------------------------ setup / teardown
     def setup(self, trainer: pl.Trainer) -> None:
@@ -181,6 +184,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
                 self.memory_plan.check()
 
         self.runtime = Runtime(self.model, self.root_device, precision.compute_dtype, self.config, before_alloc=plan)
+        self.model_to_device()  # after the plan was checked: metric states, buffers and ``device``
         for optimizer in self.optimizers:
             self.runtime.attach_optimizer(optimizer)
         self.optimizers = self.optimizers  # re-wrap: LightningOptimizer takes the (now waiting) class
