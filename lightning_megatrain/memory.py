@@ -156,11 +156,12 @@ def plan_memory(
         "gradient staging": 4 * outer_trainable + n_slots * csize * max(layer_trainable, default=0),
     }
     if compute_dtype != torch.float32:
-        host[f"{str(compute_dtype).removeprefix('torch.')} compute copies"] = csize * sum(layer_numels)
+        host[f"{str(compute_dtype).removeprefix('torch.')} compute copies"] = csize * (sum(layer_numels) + outer_numel)
     dev = {
         "weight slots": n_slots * csize * max(layer_numels, default=0),
         "gradient buffers": n_slots * csize * max(layer_trainable, default=0),
-        "non-layer params and grads": 4 * outer_numel + 8 * outer_trainable,
+        # fp32 leaves (+ the compute-dtype copy they are cast from), their gradients and packed gradients
+        "non-layer params and grads": 4 * outer_numel + (csize * outer_numel if csize != 4 else 0) + 8 * outer_trainable,
     }
     if batch_tokens:
         hidden = hidden_size or _hidden_size(module, layers)

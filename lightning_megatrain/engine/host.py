@@ -37,9 +37,15 @@ class HostArena:
         start = (-raw.data_ptr()) % PAGE
         self._raw: torch.Tensor | None = raw
         base = raw[start : start + total]
-        self.buffers: list[torch.Tensor] = [
-            base[off : off + numel * _dtype_size(dtype)].view(dtype) for off, (numel, dtype) in zip(offsets, layout)
-        ]
+        # Each buffer is a tensor of its own on the arena's storage, not a view of one base tensor, so
+        # it has its own version counter: adding gradients does not make the masters look changed (which
+        # would re-cast a layer's compute copy on every micro-batch).
+        storage = raw.untyped_storage()
+        self.buffers: list[torch.Tensor] = []
+        for off, (numel, dtype) in zip(offsets, layout):
+            size = _dtype_size(dtype)
+            assert (start + off) % size == 0
+            self.buffers.append(torch.empty(0, dtype=dtype).set_(storage, (start + off) // size, (numel,)))
         self._registered_ptr: int | None = None
         if pin and total > 0:
             self._register(base)
