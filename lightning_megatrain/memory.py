@@ -125,6 +125,7 @@ def plan_memory(
     grads: bool = True,
     batch_tokens: int | None = None,
     hidden_size: int | None = None,
+    grad_channels: int | None = None,
 ) -> MemoryPlan:
     """The plan for streaming ``layers`` of ``module``; a public function so users can call it before a long load.
 
@@ -149,17 +150,18 @@ def plan_memory(
     csize = _size(compute_dtype)
     state = max((optimizer_state_bytes(o) for o in optimizers), default=0) if grads else 0
     n_slots = prefetch + 1
+    n_channels = grad_channels if grad_channels is not None else 2
     host = {
         "fp32 master weights": 4 * params,
         "fp32 gradients": 4 * trainable,
         "optimizer state (estimate)": state * trainable,
-        "gradient staging": 4 * outer_trainable + n_slots * csize * max(layer_trainable, default=0),
+        "gradient staging": 4 * outer_trainable + n_channels * csize * max(layer_trainable, default=0),
     }
     if compute_dtype != torch.float32:
         host[f"{str(compute_dtype).removeprefix('torch.')} compute copies"] = csize * (sum(layer_numels) + outer_numel)
     dev = {
         "weight slots": n_slots * csize * max(layer_numels, default=0),
-        "gradient buffers": n_slots * csize * max(layer_trainable, default=0),
+        "gradient buffers": n_channels * csize * max(layer_trainable, default=0),
         # fp32 leaves (+ the compute-dtype copy they are cast from), their gradients and packed gradients
         "non-layer params and grads": 4 * outer_numel + (csize * outer_numel if csize != 4 else 0) + 8 * outer_trainable,
     }

@@ -59,6 +59,11 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             forward. ``False`` makes ``optimizer_step`` return only when the update is done.
         async_checkpoint: write sharded checkpoints on a background thread while training goes on; each
             layer's next update waits until that layer's tensors are written, so the checkpoint is one step.
+        grad_channels: layers' gradient buffers in flight to the host (device + pinned host, each the
+            largest layer's gradients in the compute dtype); backward waits for the host only when all
+            are still being accumulated.
+        host_threads: intra-op threads of the host worker (optimizer step, gradient accumulation).
+            Default: all cores but one, so the thread that launches the GPU's kernels keeps a core.
     """
 
     strategy_name = "megatrain"
@@ -76,6 +81,8 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         checkpoint_shard_bytes: int = DEFAULT_SHARD_BYTES,
         async_checkpoint: bool = False,
         overlap_optimizer: bool = True,
+        grad_channels: int = 2,
+        host_threads: Optional[int] = None,
         device: Optional[Union[str, int, torch.device]] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         checkpoint_io: Optional[CheckpointIO] = None,
@@ -83,6 +90,10 @@ class MegaTrainStrategy(SingleDeviceStrategy):
     ) -> None:
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be an integer >= 1 (layers copied ahead), got {prefetch!r}")
+        if not isinstance(grad_channels, int) or grad_channels < 1:
+            raise ValueError(f"grad_channels must be an integer >= 1 (gradient buffers in flight), got {grad_channels!r}")
+        if host_threads is not None and (not isinstance(host_threads, int) or host_threads < 1):
+            raise ValueError(f"host_threads must be an integer >= 1 or None (all cores but one), got {host_threads!r}")
         if checkpoint_format not in ("sharded", "single_file"):
             raise ValueError(f"checkpoint_format must be 'sharded' or 'single_file', got {checkpoint_format!r}")
         if not isinstance(checkpoint_shard_bytes, int) or checkpoint_shard_bytes <= 0:
@@ -104,6 +115,8 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             pin_memory=pin_memory,
             fused_optimizer=fused_optimizer,
             offload_activations=offload_activations,
+            grad_channels=grad_channels,
+            host_threads=host_threads,
         )
         self.check_memory = check_memory
         self.plan_batch_tokens = plan_batch_tokens
@@ -177,7 +190,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
                 )
             self.memory_plan = plan_memory(
                 self.model, layers, precision.compute_dtype, self.root_device, self.config.prefetch, self.optimizers,
-                fitting, batch_tokens=self.plan_batch_tokens,
+                fitting, batch_tokens=self.plan_batch_tokens, grad_channels=self.config.grad_channels,
             )
             rank_zero_info(str(self.memory_plan))
             if self.check_memory:

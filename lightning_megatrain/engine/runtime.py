@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from .layer_fn import LayerCall, LayerFunction, strip_caches
 from .host import HostArena
 from .layers import LayerClasses, find_layers
-from .stepper import Worker, check_optimizer, enable_fused, make_waiting, restore_class, snapshot_groups, split_params, step_unit
+from .stepper import Worker, check_optimizer, default_host_threads, enable_fused, make_waiting, restore_class, snapshot_groups, split_params, step_unit
 from .stream import ChannelPool, GradChannel, SlotPool, Streams
 from .units import Entry, Unit, collect_entries
 
@@ -74,6 +74,8 @@ class RuntimeConfig:
     fused_optimizer: bool = True
     grads: bool = True  # False for validate/test/predict: no gradient memory at all
     offload_activations: bool = False
+    grad_channels: int = 2  # layers' gradients in flight to the host before backward waits for the host
+    host_threads: int | None = None  # intra-op threads of the host worker; None: all cores but one
 
 
 def _dtype_size(dtype: torch.dtype) -> int:
@@ -116,6 +118,10 @@ class Runtime:
     ) -> None:
         if config.prefetch < 1:
             raise ValueError(f"prefetch must be >= 1 (layers copied ahead of the one computing), got {config.prefetch}")
+        if config.grad_channels < 1:
+            raise ValueError(f"grad_channels must be >= 1 (layers' gradients in flight to the host), got {config.grad_channels}")
+        if config.host_threads is not None and config.host_threads < 1:
+            raise ValueError(f"host_threads must be >= 1 or None (all cores but one), got {config.host_threads}")
         self.module = module
         self.device = torch.device(device)
         self.config = config
@@ -133,7 +139,7 @@ class Runtime:
             before_alloc(self.layers)
         pin = config.pin_memory and self.device.type == "cuda"
         self.streams = Streams(self.device)
-        self.worker = Worker()
+        self.worker = Worker(threads=config.host_threads if config.host_threads is not None else default_host_threads())
         self.units: list[Unit] = []
         self._forwards: list[tuple[nn.Module, Any]] = []
         try:
@@ -283,7 +289,7 @@ class Runtime:
         self.slots = SlotPool(n_slots if numel else 0, numel, self.compute_dtype, self.streams)
         channels = []
         if gnumel:
-            self._channel_arena = HostArena([(gnumel, self.compute_dtype)] * n_slots, pin=pin)
+            self._channel_arena = HostArena([(gnumel, self.compute_dtype)] * self.config.grad_channels, pin=pin)
             for host in self._channel_arena.buffers:
                 dev = torch.empty(gnumel, dtype=self.compute_dtype, device=self.device)
                 channels.append(GradChannel(dev, host, self.streams))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .host import HostArena
+from .host import HostArena, add_widened
 
 
 @dataclass
@@ -137,7 +137,7 @@ class Unit:
                     e.param.grad = self.grad_view(e)
                 return
             if all(e.param.grad is not None and e.param.grad.data_ptr() == self.grad_view(e).data_ptr() for e in trainable):
-                self.grad.add_(src)
+                add_widened(self.grad, src)
                 return
         for e, ok in zip(trainable, produced):
             if not ok:
@@ -147,6 +147,8 @@ class Unit:
                 view = self.grad_view(e)
                 view.copy_(g)
                 e.param.grad = view
+            elif e.param.grad.is_contiguous():
+                add_widened(e.param.grad, g)
             else:
                 e.param.grad.add_(g)
 
