@@ -121,3 +121,13 @@ def test_profile_smoke(tmp_path: Path) -> None:
     assert s == result["summary"] and s["wall_s"] > 0 and s["step_s"] > 0
     assert s["gpu_busy_fraction"] == 0.0  # no kernels on the CPU
     assert {"compute_waited_on_copies_s_per_step", "forward_waited_on_host_optimizer_s_per_step"} <= set(s)
+
+
+def test_host_pipeline_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "hp.json"
+    result = _load("host_pipeline").main(["--params", "20000", "--layers", "2", "--repeat", "1", "--out", str(out)])
+    rows = [r["row"] for r in json.loads(out.read_text())["rows"]]
+    assert rows[0].startswith("copy") and rows[-1].startswith("optimizer: bare torch fused AdamW")
+    assert any(r.startswith("accumulate, later micro-batches") for r in rows)
+    assert all(r["params_per_s"] > 0 and r["GBps"] > 0 for r in result["rows"])
+    assert set(result["targets"]) == {"optimizer_vs_bare_params_per_s", "accumulate_vs_copy_GBps", "scratch_speedup"}
