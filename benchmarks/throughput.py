@@ -174,6 +174,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for all runs: a run gets at most what is left, none once under 30 s are left")
     parser.add_argument("--out", default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--size", default=None, help=argparse.SUPPRESS)
@@ -191,21 +193,37 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         Path(args.result).write_text(json.dumps(res))
         return res
 
-    rows = []
+    from _machine import save_json
+
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+
+    def partial() -> dict[str, Any]:
+        machine_info = next((r["machine"] for r in rows if "machine" in r), None)
+        return {"machine": machine_info, "args": {k: v for k, v in vars(args).items() if k not in ("one", "size", "result")}, "rows": rows}
+
     for size in args.sizes:
         for strategy in args.strategies:
+            timeout = args.timeout
+            if args.budget is not None:
+                timeout = min(timeout, int(args.budget - (time.perf_counter() - started)))
+                if timeout < 30:
+                    rows.append({"size": size, "strategy": strategy, "skipped": "out of the time budget"})
+                    save_json(args.out, partial())
+                    continue
             result_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"throughput-{os.getpid()}-{size}-{strategy}.json"
             cmd = [sys.executable, __file__, "--one", strategy, "--size", size, "--result", str(result_file),
                    "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--prefetch", str(args.prefetch), "--precision", args.precision, "--device", args.device]
             print(f"running {size} {strategy} ...", flush=True)
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
                 res = json.loads(result_file.read_text()) if result_file.exists() else {"error": proc.stderr[-500:]}
             except subprocess.TimeoutExpired:
-                res = {"error": f"timed out after {args.timeout} s"}
+                res = {"error": f"timed out after {timeout} s"}
             result_file.unlink(missing_ok=True)
             rows.append({"size": size, "strategy": strategy, **res})
+            save_json(args.out, partial())  # a row as soon as it is measured
     machine_info = next((r["machine"] for r in rows if "machine" in r), None)
     print(f"\nmachine: {machine_info}\nseq {args.seq} x batch {args.batch} = {args.seq * args.batch} tokens/step, {args.precision}")
     header = f"{'size':<6}{'strategy':<28}{'params':>15}{'tok/s':>10}{'TFLOPS':>8}{'MFU':>7}{'GPU GiB':>9}{'host GiB':>10}{'GPU wait s':>11}{'host opt s':>11}"
@@ -218,9 +236,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         print(f"{r['size']:<6}{r['strategy']:<28}{r['params']:>15,}{r['tokens_per_s']:>10.0f}{r['model_tflops']:>8.2f}"
               f"{f('mfu', '.2f'):>7}{f('gpu_peak_GiB', '.1f'):>9}{r['host_peak_GiB']:>10.1f}{f('gpu_wait_transfer_s', '.3f'):>11}"
               f"{f('host_optimizer_s', '.3f'):>11}")
-    result = {"machine": machine_info, "args": {k: v for k, v in vars(args).items() if k not in ("one", "size", "result")}, "rows": rows}
-    from _machine import save_json
-
+    result = partial()
     save_json(args.out, result)
     return result
 

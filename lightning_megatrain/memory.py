@@ -211,6 +211,7 @@ def plan_memory(
     host_memory_reason: str = "",
     host_available: int | None = None,
     device_free: int | None = None,
+    grad_channels: int | None = None,
 ) -> MemoryPlan:
     """The plan for streaming ``layers`` of ``module``; a public function so users can call it before a long load.
 
@@ -257,6 +258,7 @@ def plan_memory(
     optimizers = list(optimizers)
     state = max((optimizer_state_bytes(o) for o in optimizers), default=0) if grads else 0
     n_slots = prefetch + 1
+    n_channels = grad_channels if grad_channels is not None else 2
     host = {"fp32 master weights": store["trainable"]}
     if store["frozen"]:
         host["frozen weights (as stored)"] = store["frozen"]
@@ -268,12 +270,12 @@ def plan_memory(
         host["fp32 scratch of one layer's state"] = state * largest
     else:
         host["optimizer state (estimate)"] = state * trainable
-    host["gradient staging"] = 4 * outer_trainable + n_slots * ssize * max(layer_trainable, default=0)
+    host["gradient staging"] = 4 * outer_trainable + n_channels * ssize * max(layer_trainable, default=0)
     if store["cast"]:
         host[f"{str(compute_dtype).removeprefix('torch.')} compute copies"] = store["cast"]
     dev = {
         "weight slots": n_slots * max(layer_images, default=0),
-        "gradient buffers": n_slots * ssize * max(layer_trainable, default=0),
+        "gradient buffers": n_channels * ssize * max(layer_trainable, default=0),
         "non-layer params and grads": outer_image + 8 * outer_trainable,
     }
     stream_bytes = sum(layer_images)

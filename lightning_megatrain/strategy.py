@@ -31,6 +31,7 @@ from .checkpoint import (
 )
 from .engine import Runtime, RuntimeConfig, check_optimizer
 from .memory import HOST_MEMORY_MODES, choose_host_memory, plan_memory
+from .placement import place_states
 from .precision import MegaTrainPrecision
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,11 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             when most parameters are frozen (adapter fine-tuning: a checkpoint holds what changes, plus a
             reference to where the base weights came from; resume rebuilds the base as the module does);
             ``True``: always the full model; ``False``: never.
+        grad_channels: layers' gradient buffers in flight to the host (device + pinned host, each the
+            largest layer's gradients in the compute dtype); backward waits for the host only when all
+            are still being accumulated.
+        host_threads: intra-op threads of the host worker (optimizer step, gradient accumulation).
+            Default: all cores but one, so the thread that launches the GPU's kernels keeps a core.
     """
 
     strategy_name = "megatrain"
@@ -92,6 +98,8 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         overlap_optimizer: bool = True,
         host_memory: Literal["auto", "fast", "compact", "lean"] = "auto",
         checkpoint_frozen: Optional[bool] = None,
+        grad_channels: int = 2,
+        host_threads: Optional[int] = None,
         device: Optional[Union[str, int, torch.device]] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         checkpoint_io: Optional[CheckpointIO] = None,
@@ -99,6 +107,10 @@ class MegaTrainStrategy(SingleDeviceStrategy):
     ) -> None:
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be an integer >= 1 (layers copied ahead), got {prefetch!r}")
+        if not isinstance(grad_channels, int) or grad_channels < 1:
+            raise ValueError(f"grad_channels must be an integer >= 1 (gradient buffers in flight), got {grad_channels!r}")
+        if host_threads is not None and (not isinstance(host_threads, int) or host_threads < 1):
+            raise ValueError(f"host_threads must be an integer >= 1 or None (all cores but one), got {host_threads!r}")
         if checkpoint_format not in ("sharded", "single_file"):
             raise ValueError(f"checkpoint_format must be 'sharded' or 'single_file', got {checkpoint_format!r}")
         if not isinstance(checkpoint_shard_bytes, int) or checkpoint_shard_bytes <= 0:
@@ -124,6 +136,8 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             pin_memory=pin_memory,
             fused_optimizer=fused_optimizer,
             offload_activations=offload_activations,
+            grad_channels=grad_channels,
+            host_threads=host_threads,
         )
         self.check_memory = check_memory
         self.plan_batch_tokens = plan_batch_tokens
@@ -173,8 +187,10 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             yield
 
     def model_to_device(self) -> None:
-        # Parameters stay on the host; the runtime moves buffers and streams weights.
-        pass
+        # Parameters stay on the host (the runtime streams them); buffers, metric states and the
+        # LightningModule's ``device`` go to the root device, as user code expects of ``self.device``.
+        assert self.model is not None
+        place_states(self.model, self.root_device)
 
     # ------------------------------------------------------------------ setup / teardown
     def setup(self, trainer: pl.Trainer) -> None:
@@ -201,13 +217,14 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             self.memory_plan = plan_memory(
                 self.model, layers, precision.compute_dtype, self.root_device, self.config.prefetch, self.optimizers,
                 fitting, batch_tokens=self.plan_batch_tokens, host_memory=self.config.host_memory,
-                host_memory_reason=host_memory_reason,
+                host_memory_reason=host_memory_reason, grad_channels=self.config.grad_channels,
             )
             rank_zero_info(str(self.memory_plan))
             if self.check_memory:
                 self.memory_plan.check()
 
         self.runtime = Runtime(self.model, self.root_device, precision.compute_dtype, self.config, before_alloc=plan)
+        self.model_to_device()  # after the plan was checked: metric states, buffers and ``device``
         for optimizer in self.optimizers:
             self.runtime.attach_optimizer(optimizer)
         self.optimizers = self.optimizers  # re-wrap: LightningOptimizer takes the (now waiting) class

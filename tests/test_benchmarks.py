@@ -29,8 +29,26 @@ def test_long_context_smoke(tmp_path: Path) -> None:
                                 "--vocab", "256", "--min-len", "32", "--max-len", "64", "--chunk-mlp", "2", "--precision", "fp32",
                                 "--out", str(out)])
     result = json.loads(out.read_text())
-    assert [r["offload_activations"] for r in result["runs"]] == [False, True]
+    assert [r["offload_activations"] for r in result["runs"]] == [True, False]  # the more valuable run first
     assert all(r["longest"]["length"] == 64 for r in result["runs"]) and "cpu_cores" in result["machine"]
+    assert [t["length"] for t in result["trials"]] == [32, 64, 32, 64]  # every trial written as it ends
+
+
+def test_long_context_search_starts_near_the_answer_and_refuses_what_cannot_fit(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    lc = _load("long_context")
+    out = tmp_path / "lc.json"
+    args = ["--hidden", "32", "--layers", "2", "--intermediate", "64", "--heads", "4", "--kv-heads", "2", "--vocab", "256",
+            "--precision", "fp32", "--chunk-mlp", "2", "--out", str(out)]
+    # a length whose offloaded inputs exceed host memory is refused by the estimate, not tried
+    huge = 1 << 40
+    assert not lc.estimate(lc.argparse.Namespace(layers=2, hidden=32, chunk_mlp=2, vocab=256), huge, True, lc.torch.device("cpu"))["fits"]
+    result = lc.main(args + ["--min-len", "16", "--start-len", "48", "--max-len", str(huge), "--growth", "1.5", "--offload", "on",
+                             "--trial-cap", "1e-9"])
+    trials = result["trials"]
+    assert trials[0]["length"] == 48 and trials[0]["result"] == "ok"  # starts where told, not at --min-len
+    assert trials[1]["result"].startswith("not run") and result["runs"][0]["stopped"]  # the time cap stops the search
+    assert json.loads(out.read_text())["trials"] == trials
 
 
 def test_checkpoint_benchmark_smoke(tmp_path: Path) -> None:
@@ -73,3 +91,43 @@ def test_throughput_smoke(tmp_path: Path) -> None:
     plain = bench.main(["--one", "plain", "--size", "tiny", "--result", str(tmp_path / "plain.json"), "--seq", "16",
                         "--batch", "2", "--steps", "2", "--warmup", "1", "--precision", "32-true", "--device", "cpu"])
     assert plain["tokens_per_s"] > 0 and plain["params"] == rows["megatrain"]["params"]
+
+
+def test_profile_summary_of_a_synthetic_trace() -> None:
+    prof = _load("profile_step")
+    events = [
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 0, "dur": 40},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 30, "dur": 30},  # overlaps the first: busy 0..60
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": 50, "dur": 20},  # 10 of 20 under compute
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoH (Device -> Pinned)", "ts": 80, "dur": 20},  # none under compute
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5},
+        {"ph": "i", "cat": "kernel", "name": "marker", "ts": 500},  # not a complete event
+    ]
+    s = prof.summarize({"traceEvents": events})
+    assert s["wall_s"] == pytest.approx(100e-6)
+    assert s["gpu_busy_fraction"] == pytest.approx(0.6)
+    assert s["h2d_busy_fraction"] == pytest.approx(0.2) and s["d2h_busy_fraction"] == pytest.approx(0.2)
+    assert s["h2d_overlapped_with_compute_fraction"] == pytest.approx(0.5)
+    assert s["d2h_overlapped_with_compute_fraction"] == 0.0 and s["h2d_d2h_concurrent_s"] == 0.0
+
+
+def test_profile_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    result = _load("profile_step").main(["--hidden", "32", "--layers", "2", "--intermediate", "64", "--heads", "4", "--kv-heads", "2",
+                                    "--vocab", "256", "--seq", "16", "--batch", "2", "--warmup", "1", "--steps", "2",
+                                    "--precision", "fp32", "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "profile_trace.json.gz").stat().st_size > 0 and not (tmp_path / "profile_trace.json").exists()
+    s = json.loads((tmp_path / "profile.json").read_text())["summary"]
+    assert s == result["summary"] and s["wall_s"] > 0 and s["step_s"] > 0
+    assert s["gpu_busy_fraction"] == 0.0  # no kernels on the CPU
+    assert {"compute_waited_on_copies_s_per_step", "forward_waited_on_host_optimizer_s_per_step"} <= set(s)
+
+
+def test_host_pipeline_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "hp.json"
+    result = _load("host_pipeline").main(["--params", "20000", "--layers", "2", "--repeat", "1", "--out", str(out)])
+    rows = [r["row"] for r in json.loads(out.read_text())["rows"]]
+    assert rows[0].startswith("copy") and rows[-1].startswith("optimizer: bare torch fused AdamW")
+    assert any(r.startswith("accumulate, later micro-batches") for r in rows)
+    assert all(r["params_per_s"] > 0 and r["GBps"] > 0 for r in result["rows"])
+    assert set(result["targets"]) == {"optimizer_vs_bare_params_per_s", "accumulate_vs_copy_GBps", "scratch_speedup"}

@@ -41,7 +41,8 @@ class ResidencyBound:
 
 
 def residency_bound(
-    model: nn.Module, layers: list[nn.Module], compute_dtype: torch.dtype, prefetch: int, saved_inputs: int, working_set: int
+    model: nn.Module, layers: list[nn.Module], compute_dtype: torch.dtype, prefetch: int, saved_inputs: int, working_set: int,
+    grad_channels: int = 2,
 ) -> ResidencyBound:
     """The device-memory bound of the README's residency claim, from parameter sizes alone."""
     csize = torch.empty((), dtype=compute_dtype).element_size()
@@ -62,7 +63,7 @@ def residency_bound(
     slots = prefetch + 1
     return ResidencyBound(
         weight_slots=slots * layer_image,
-        grad_buffers=slots * layer_trainable * csize,
+        grad_buffers=grad_channels * layer_trainable * csize,  # the strategy's grad_channels (default 2)
         non_layer=4 * outer_numel + 2 * 4 * outer_trainable,
         saved_inputs=saved_inputs,
         working_set=working_set,
@@ -79,7 +80,7 @@ def test_residency_bound_matches_the_engines_device_buffers() -> None:
     outer = 16 * 8 + 8 * 16 + 16
     b = residency_bound(model, layers, torch.bfloat16, prefetch=2, saved_inputs=100, working_set=10)
     image = 8 * 32 * 2 + 32 * 4 + 32 * 8 * 2 + 64  # the 8-float bias takes a 64-byte line
-    assert b.weight_slots == 3 * image and b.grad_buffers == 3 * per_layer * 2
+    assert b.weight_slots == 3 * image and b.grad_buffers == 2 * per_layer * 2
     assert b.non_layer == 4 * outer + 8 * outer
     assert b.total == b.weight_slots + b.grad_buffers + b.non_layer + 110
     rt = Runtime(model, torch.device("cpu"), torch.bfloat16, RuntimeConfig(prefetch=2, host_memory="fast"))

@@ -219,8 +219,9 @@ def test_lean_steps_big_units_in_chunks_of_one_layer() -> None:
     trainer(strategy, max_steps=2, callbacks=[_KeepRuntime()]).fit(model, data())
     runtime = _KeepRuntime.runtime
     layer = max(u.gnumel for u in runtime.layer_units)
-    biggest = max(e.numel for u in [runtime.outer, *runtime.layer_units] for e in u.entries)  # units: emptied at teardown
-    outer = runtime.outer.gnumel
+    sides = [runtime.outer_in, runtime.outer_out]  # the non-layer units (runtime.units is emptied at teardown)
+    biggest = max(e.numel for u in [*sides, *runtime.layer_units] for e in u.entries)
+    outer = max(u.gnumel for u in sides)
     assert outer > layer  # the case that needs chunks
     assert runtime.lean._scratch.numel() <= 2 * max(layer, biggest) < 2 * outer
 

@@ -218,8 +218,8 @@ def test_telemetry_frozen_base_crosses_twice_in_bf16_and_only_adapter_grads_come
             seen["images"] = [u.nbytes for u in rt.layer_units]
             seen["slots"] = len(rt.slots.slots)
             seen["adapters"] = sum(u.gnumel for u in rt.layer_units)
-            seen["outer"] = rt.outer.nbytes
-            seen["outer_grads"] = rt.outer.gnumel
+            seen["outer"] = rt.outer_in.nbytes + rt.outer_out.nbytes
+            seen["outer_grads"] = rt.outer_in.gnumel + rt.outer_out.gnumel
 
         def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
             seen["stats"] = trainer.strategy.runtime.stats()

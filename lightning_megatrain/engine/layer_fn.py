@@ -61,8 +61,16 @@ class LayerCall:
             torch.is_autocast_cache_enabled(),
         )
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.in_leaves[i] for i in self.tensor_pos]
+    def take_tensors(self) -> list[torch.Tensor]:
+        """The call's tensor inputs, handed to the autograd node; the call itself stops holding them.
+
+        The node saves what backward needs (``save_for_backward``, or a host copy with activation
+        offload), so a reference here would only keep every layer's input alive on the device.
+        """
+        out = [self.in_leaves[i] for i in self.tensor_pos]
+        for i in self.tensor_pos:
+            self.in_leaves[i] = None
+        return out
 
     def call(self, tensors: Sequence[torch.Tensor]) -> Any:
         flat = list(self.in_leaves)

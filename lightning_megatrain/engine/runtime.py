@@ -6,7 +6,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,10 +16,10 @@ from torch.optim import Optimizer
 from .layer_fn import LayerCall, LayerFunction, strip_caches
 from .host import HostArena
 from .layers import LayerClasses, find_layers
-from .stepper import Worker, check_optimizer, enable_fused, make_waiting, restore_class, snapshot_groups, split_params, step_unit
+from .stepper import Worker, check_optimizer, default_host_threads, enable_fused, make_waiting, restore_class, snapshot_groups, split_params, step_unit
 from .state import LeanState
 from .stream import ChannelPool, GradChannel, SlotPool, Streams
-from .units import Unit, collect_entries
+from .units import Entry, Unit, collect_entries
 
 
 @dataclass
@@ -47,6 +47,25 @@ class _Offloaded:
 
 
 @dataclass
+class _OuterCopy:
+    """The device side of one non-layer unit: a copy of its image (fp32 masters, frozen parameters as
+    stored) made on the H2D stream, issued by the host worker right after the unit's update so it is on
+    its way before the next step needs it. The leaves view it: embeddings, norms and head compute in
+    fp32 as in plain mixed-precision training. The copy is kept across micro-batches until the masters
+    change."""
+
+    unit: Unit
+    side: str  # "input" (embeddings: stepped first, needed first) or "output" (final norm, head)
+    dev: torch.Tensor | None = None  # the image on the device (bytes); the leaves view it
+    ready: Any = None  # H2D into dev done
+    free: Any = None  # the compute stream is done reading dev
+    issued: int | None = None  # unit version the last copy was issued from
+    leaves: list[nn.Parameter] | None = None  # bound leaves, valid while ``issued`` matches the unit
+    bindings: list[list[nn.Parameter]] = field(default_factory=list)  # leaves bound this step
+    fired: set[int] = field(default_factory=set)  # leaves whose gradient is final in this backward
+
+
+@dataclass
 class RuntimeConfig:
     """Engine options; see :class:`lightning_megatrain.MegaTrainStrategy` for their meaning."""
 
@@ -60,6 +79,21 @@ class RuntimeConfig:
     # "compact": the fp32 masters are streamed and autocast casts them on the device (no host copy);
     # "lean": "compact" plus floating optimizer state held in bf16 between steps (engine/state.py)
     host_memory: str = "fast"
+    grad_channels: int = 2  # layers' gradients in flight to the host before backward waits for the host
+    host_threads: int | None = None  # intra-op threads of the host worker; None: all cores but one
+
+
+def _dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _size_class(nbytes: int) -> int:
+    """The smallest m * 2**k >= nbytes with m in 4..7: few distinct sizes, at most 25% unused."""
+    if nbytes <= 4:
+        return max(nbytes, 1)
+    k = max(nbytes.bit_length() - 3, 0)
+    m = -(-nbytes // (1 << k))
+    return m << k
 
 
 def _check_side_outputs(module: nn.Module) -> None:
@@ -89,6 +123,10 @@ class Runtime:
     ) -> None:
         if config.prefetch < 1:
             raise ValueError(f"prefetch must be >= 1 (layers copied ahead of the one computing), got {config.prefetch}")
+        if config.grad_channels < 1:
+            raise ValueError(f"grad_channels must be >= 1 (layers' gradients in flight to the host), got {config.grad_channels}")
+        if config.host_threads is not None and config.host_threads < 1:
+            raise ValueError(f"host_threads must be >= 1 or None (all cores but one), got {config.host_threads}")
         self.module = module
         self.device = torch.device(device)
         self.config = config
@@ -113,18 +151,29 @@ class Runtime:
             before_alloc(self.layers)
         pin = config.pin_memory and self.device.type == "cuda"
         self.streams = Streams(self.device)
-        self.worker = Worker()
+        self.worker = Worker(threads=config.host_threads if config.host_threads is not None else default_host_threads())
         self.units: list[Unit] = []
         self._forwards: list[tuple[nn.Module, Any]] = []
         try:
             layer_ids = {id(p) for layer in self.layers for p in layer.parameters()}
             outer = collect_entries([("", module)], exclude=layer_ids, grads=config.grads)
-            self.outer = Unit("outer", 0, outer, torch.float32, pin=pin, staging=True)
-            self.units.append(self.outer)
+            inputs, outputs = self._split_outer(outer)
+            # Non-layer parameters in two units around the layer stack, each stepped in its place:
+            # the input side first (the next forward needs it first), the output side last.
+            # They stream their fp32 masters (frozen ones as stored): embeddings, norms and head compute in
+            # fp32 as in plain mixed precision, and they cross once per optimizer step, not per micro-batch.
+            self.outer_in = Unit("outer_in", 0, inputs, torch.float32, pin=pin, staging=True)
+            self.units.append(self.outer_in)
             for i, layer in enumerate(self.layers):
                 entries = collect_entries([("", layer)], exclude=set(), grads=config.grads)
                 self.units.append(Unit(f"layer{i}", i + 1, entries, self.compute_dtype, pin=pin, staging=False, module=layer))
-            self.layer_units = self.units[1:]
+            self.outer_out = Unit("outer_out", len(self.layers) + 1, outputs, torch.float32, pin=pin, staging=True)
+            self.units.append(self.outer_out)
+            self.layer_units = self.units[1:-1]
+            self._outer = {
+                self.outer_in.index: self._outer_copy(self.outer_in, "input"),
+                self.outer_out.index: self._outer_copy(self.outer_out, "output"),
+            }
             self._owner = {id(e.param): u.index for u in self.units for e in u.entries}
             if self.lean is not None:
                 # one streamed layer's state is widened at a time; bigger units go in chunks of that size
@@ -136,12 +185,14 @@ class Runtime:
         except BaseException:
             self.detach()
             raise
-        self._leaves: list[list[nn.Parameter]] = []
         self._bound = 0
         self._stale = False
-        owners = {id(m): m for e in self.outer.entries for m, _ in e.refs}
+        self._out_pending = False  # the output side is bound lazily, when first needed in a step
+        owners = {id(m): m for e in self.outer_in.entries for m, _ in e.refs}
         owners[id(module)] = module
-        self._hooks = [m.register_forward_pre_hook(self._rebind_if_stale) for m in owners.values()]
+        self._out_owners = {id(m): m for e in self.outer_out.entries for m, _ in e.refs}
+        owners.update(self._out_owners)
+        self._hooks = [m.register_forward_pre_hook(self._before_outer_module) for m in owners.values()]
         self._guarded = self._guard(module)
         self._anchor = torch.empty(0, device=self.device, requires_grad=True)
         self._patched: list[Optimizer] = []
@@ -171,6 +222,47 @@ class Runtime:
 
             object.__setattr__(module, name, waiting)
         return saved
+
+    def _split_outer(self, entries: list[Entry]) -> tuple[list[Entry], list[Entry]]:
+        """Input side / output side of the non-layer parameters.
+
+        The output side holds parameters of modules registered after the layer stack that do not
+        contain it (a final norm, the head); everything else (embeddings, raw parameters of the modules
+        around the stack, a head tied to the embedding) is the input side, which is bound when a step
+        starts. The output side is bound when one of its modules is called or the last layer has run,
+        whichever comes first; a parameter of it read directly before the layers would not be ready, so
+        anything that could be used anywhere stays on the input side.
+        """
+        if not self.layers:
+            return entries, []
+        names = {id(m): n for n, m in self.module.named_modules()}
+        order = {id(m): i for i, m in enumerate(self.module.modules())}
+        layer_names = [names[id(layer)] for layer in self.layers if id(layer) in names]
+        first = min(order[id(layer)] for layer in self.layers)
+
+        def contains_layers(m: nn.Module) -> bool:
+            name = names.get(id(m))
+            return name is None or any(name == "" or ln.startswith(name + ".") for ln in layer_names)
+
+        inputs, outputs = [], []
+        for e in entries:
+            after = all(order.get(id(m), -1) > first and not contains_layers(m) for m, _ in e.refs)
+            (outputs if after else inputs).append(e)
+        for side in (inputs, outputs):  # each side is a unit of its own: offsets from 0
+            offset = goffset = 0
+            for e in side:
+                e.offset = offset
+                offset += e.numel
+                if e.goffset is not None:
+                    e.goffset = goffset
+                    goffset += e.numel
+        return inputs, outputs
+
+    def _outer_copy(self, unit: Unit, side: str) -> _OuterCopy:
+        out = _OuterCopy(unit, side, ready=self.streams.event(), free=self.streams.event())
+        if unit.numel:
+            out.dev = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+        return out
 
     def _check_sharing(self) -> None:
         seen: dict[int, int] = {}
@@ -214,7 +306,7 @@ class Runtime:
         self.slots = SlotPool(n_slots if nbytes else 0, nbytes, torch.uint8, self.streams)
         channels = []
         if gnumel:
-            self._channel_arena = HostArena([(gnumel, self.compute_dtype)] * n_slots, pin=pin)
+            self._channel_arena = HostArena([(gnumel, self.compute_dtype)] * self.config.grad_channels, pin=pin)
             for host in self._channel_arena.buffers:
                 dev = torch.empty(gnumel, dtype=self.compute_dtype, device=self.device)
                 channels.append(GradChannel(dev, host, self.streams))
@@ -267,6 +359,13 @@ class Runtime:
 
             self.worker.submit(sync_pending)
         gate = self.gate
+        for outer in self._outer.values():
+            outer.issued = None  # the masters are about to change; the worker copies them again
+            if self._bound and outer.bindings and outer.dev is not None:
+                # a step inside training_step (manual optimization): this step's graph may still read
+                # the current device copies, so the next ones go to fresh buffers
+                outer.dev = torch.empty_like(outer.dev)
+                outer.leaves = None
         for unit, params in zip(self.units, per_unit):
 
             def task(unit: Unit = unit, params: Any = params) -> None:
@@ -279,13 +378,19 @@ class Runtime:
                             step_unit(optimizer, hparams, piece, kwargs)
                 else:
                     step_unit(optimizer, hparams, params, kwargs)
-                unit.refresh_compute()
+                # fused optimizers update in place without bumping tensor versions: re-cast regardless
+                unit.refresh_compute(force=True)
                 self._stats.optimizer_s += time.perf_counter() - start
+                outer = self._outer.get(unit.index)
+                if outer is not None and self.streams.cuda:
+                    # prefetch: on its way to the device while the host steps the following units
+                    with torch.cuda.device(self.device):
+                        self._issue_outer(outer)
 
             unit.ticket = self.worker.submit(task)
         optimizer._opt_called = True  # type: ignore[attr-defined]  # LR schedulers check that step ran
         if self._bound:
-            self.outer.unbind()
+            self._unbind_outer()
             self._stale = True
 
     def wait(self) -> None:
@@ -322,7 +427,9 @@ class Runtime:
             finally:
                 self._bound -= 1
             return
-        self._leaves = []
+        for outer in self._outer.values():
+            outer.bindings = []
+            outer.fired = set()
         self._calls = []
         self._act_used = 0
         self.slots.invalidate()
@@ -335,67 +442,127 @@ class Runtime:
         finally:
             self._bound = 0
             self._stale = False
-            self.outer.unbind()
+            self._unbind_outer()
 
     def rebind(self) -> None:
-        """Fresh device copies of the non-layer parameters, waiting only for their own update."""
-        outer = self.outer
+        """Device copies of the input-side parameters, waiting only for their own update; the output
+        side follows when first needed (its update is the last of the optimizer step)."""
         self._stale = False
-        self._wait_ticket(outer.ticket)
-        self._check_trainable(outer)
-        if not outer.entries:
-            return
-        dev = torch.empty(outer.nbytes, dtype=torch.uint8, device=self.device)
-        self.streams.copy(self.streams.compute(), dev, outer.compute)
-        self._stats.h2d_bytes += outer.nbytes
-        leaves = [nn.Parameter(outer.param_view(dev, e), requires_grad=e.goffset is not None) for e in outer.entries]
-        outer.bind(leaves)
-        self._leaves.append(leaves)
+        self._bind_outer(self._outer[self.outer_in.index])
+        self._out_pending = True
+        if not self.layers:
+            self._bind_out_if_pending()
 
-    def _rebind_if_stale(self, module: nn.Module, args: Any) -> None:
+    def _bind_out_if_pending(self) -> None:
+        if self._bound and self._out_pending:
+            self._out_pending = False
+            self._bind_outer(self._outer[self.outer_out.index])
+
+    def _unbind_outer(self) -> None:
+        self._out_pending = False
+        self.outer_in.unbind()
+        self.outer_out.unbind()
+
+    def _issue_outer(self, outer: _OuterCopy) -> None:
+        """Copy the unit's image into ``dev`` on the H2D stream (any thread)."""
+        unit = outer.unit
+        unit.refresh_compute()
+        streams = self.streams
+        streams.wait(streams.h2d, outer.free)
+        streams.copy(streams.h2d, outer.dev, unit.compute)
+        outer.ready.record(streams.h2d)
+        outer.issued = unit._version()
+        self._stats.h2d_bytes += outer.dev.numel()
+
+    def _bind_outer(self, outer: _OuterCopy) -> None:
+        unit = outer.unit
+        self._wait_ticket(unit.ticket)
+        self._check_trainable(unit)
+        if not unit.entries:
+            return
+        if outer.leaves is None or outer.issued != unit._version():
+            if outer.issued != unit._version():  # not prefetched (CPU, first step) or changed since
+                outer.free.record(self.streams.compute())
+                self._issue_outer(outer)
+            compute = self.streams.compute()
+            self.streams.wait(compute, outer.ready)
+            outer.free.record(compute)
+            outer.leaves = [self._outer_leaf(outer, e) for e in unit.entries]
+        unit.bind(outer.leaves)
+        if not outer.bindings or outer.bindings[-1] is not outer.leaves:
+            outer.bindings.append(outer.leaves)
+
+    def _outer_leaf(self, outer: _OuterCopy, e: Entry) -> nn.Parameter:
+        leaf = nn.Parameter(outer.unit.param_view(outer.dev, e), requires_grad=e.goffset is not None)
+        if outer.side == "output" and e.goffset is not None:
+            # the output side's gradients are final early in backward: send them home then
+            leaf.register_post_accumulate_grad_hook(lambda t, outer=outer: self._grad_final(outer, t))
+        return leaf
+
+    def _grad_final(self, outer: _OuterCopy, leaf: torch.Tensor) -> None:
+        if len(outer.bindings) != 1 or outer.leaves is not outer.bindings[0]:
+            return  # several bindings in this step (manual optimization): after_backward sums them
+        outer.fired.add(id(leaf))
+        trainable = [leaf for leaf, e in zip(outer.leaves, outer.unit.entries) if e.goffset is not None]
+        if all(id(t) in outer.fired for t in trainable):
+            outer.fired = set()
+            self._flush_outer(outer)
+
+    def _before_outer_module(self, module: nn.Module, args: Any) -> None:
         # Inside one training_step (manual optimization) the host parameters are put back after each
         # backward, so that clipping and hooks see them with their gradients; the next module call
-        # binds fresh device copies again.
+        # binds the device copies again.
         if self._bound and self._stale:
             self.rebind()
+        if id(module) in self._out_owners:
+            self._bind_out_if_pending()
 
     def after_backward(self) -> None:
-        """Send the non-layer gradients home and wait until every gradient of this backward is on the host."""
-        outer = self.outer
-        trainable = [e for e in outer.entries if e.goffset is not None]
+        """Send the non-layer gradients home and wait until every gradient of this backward is on the host.
+
+        The wait is what Lightning's contract needs: ``on_after_backward``, clipping and
+        ``on_before_optimizer_step`` read complete host gradients right after ``backward``.
+        """
+        for outer in self._outer.values():
+            outer.fired = set()
+            self._flush_outer(outer)
+        self.worker.wait()
+        if self._bound:
+            self._unbind_outer()
+            self._stale = True
+
+    def _flush_outer(self, outer: _OuterCopy) -> None:
+        """Pack the unit's device gradients (summed over this step's bindings) and send them on the D2H stream."""
+        unit = outer.unit
+        trainable = [e for e in unit.entries if e.goffset is not None]
         produced = [False] * len(trainable)
         packed: torch.Tensor | None = None
-        # every binding of this step (several in manual optimization) adds into one packed buffer:
-        # one copy into the host staging buffer, consumed before the next backward can reuse it
-        for leaves in self._leaves:
-            by_entry = {id(e): leaf for e, leaf in zip(outer.entries, leaves)}
+        for leaves in outer.bindings:
+            by_entry = {id(e): leaf for e, leaf in zip(unit.entries, leaves)}
             for i, e in enumerate(trainable):
                 leaf = by_entry[id(e)]
                 if leaf.grad is None:
                     continue
                 if packed is None:
-                    packed = torch.zeros(outer.gnumel, dtype=torch.float32, device=self.device)
+                    packed = torch.zeros(unit.gnumel, dtype=torch.float32, device=self.device)
                 packed[e.goffset : e.goffset + e.numel].add_(leaf.grad.reshape(-1))
                 leaf.grad = None
                 produced[i] = True
         if packed is not None:
-            self._send(outer, packed, outer.staging, produced, release=None)
-        self.worker.wait()
-        if self._bound:
-            self.outer.unbind()
-            self._stale = True
+            if unit.staging.dtype != packed.dtype:
+                packed = packed.to(unit.staging.dtype)  # on the device: the D2H is a plain copy
+            self._send(unit, packed, unit.staging, produced, release=None)
 
     def _send(self, unit: Unit, dev: torch.Tensor, host: torch.Tensor, produced: list[bool], release: GradChannel | None) -> None:
         streams = self.streams
         compute = streams.compute()
-        if release is not None:
-            release.packed.record(compute)
-            streams.wait(streams.d2h, release.packed)
-            stream, done = streams.d2h, release.done
-        else:
-            stream, done = compute, streams.event()
-        streams.copy(stream, host[: dev.numel()], dev)
-        done.record(stream)
+        packed, done = (release.packed, release.done) if release is not None else (streams.event(), streams.event())
+        packed.record(compute)
+        streams.wait(streams.d2h, packed)
+        if release is None and streams.cuda:
+            dev.record_stream(streams.d2h)  # allocated on the compute stream, read on the D2H stream
+        streams.copy(streams.d2h, host[: dev.numel()], dev)
+        done.record(streams.d2h)
         self._stats.d2h_bytes += dev.numel() * dev.element_size()
 
         def task(dev: torch.Tensor = dev) -> None:  # holds the device buffer until its copy is done
@@ -444,9 +611,15 @@ class Runtime:
         return views
 
     def _run_layer(self, unit: Unit, fn: Any, args: tuple, kwargs: dict) -> Any:
+        out = self._run_layer_inner(unit, fn, args, kwargs)
+        if unit is self.layer_units[-1]:
+            self._bind_out_if_pending()  # the head and final norm come next
+        return out
+
+    def _run_layer_inner(self, unit: Unit, fn: Any, args: tuple, kwargs: dict) -> Any:
         if torch.is_grad_enabled():
             call = LayerCall(self, unit, fn, *strip_caches(args, kwargs))
-            tensors = call.tensors()
+            tensors = call.take_tensors()
             if unit.trainable or any(t.requires_grad for t in tensors):
                 outs = LayerFunction.apply(call, self._anchor, *tensors)
                 return call.join_output(outs)
@@ -493,20 +666,26 @@ class Runtime:
         return kept
 
     def _host_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """The next host buffer for an offloaded input, reused step to step.
+
+        Each position in the step's order owns one arena of raw bytes, sized to a size class (at most
+        25% above the request) and only ever grown, so steps whose sequence lengths vary reuse the same
+        page-locked memory instead of unregistering and registering it again (a slow, synchronising call).
+        """
         index = self._act_used
         self._act_used += 1
+        nbytes = numel * _dtype_size(dtype)
         pin = self.config.pin_memory and self.device.type == "cuda"
-        if index < len(self._act_arenas):
-            arena = self._act_arenas[index]
-            buf = arena.buffers[0] if arena.buffers else None
-            if buf is not None and buf.dtype == dtype and buf.numel() == numel:
-                return buf
-            arena.release()
-            self._act_arenas[index] = arena = HostArena([(numel, dtype)], pin=pin)
-        else:
-            arena = HostArena([(numel, dtype)], pin=pin)
-            self._act_arenas.append(arena)
-        return arena.buffers[0]
+        arena = self._act_arenas[index] if index < len(self._act_arenas) else None
+        if arena is None or arena.nbytes < nbytes:
+            if arena is not None:
+                arena.release()
+            arena = HostArena([(_size_class(nbytes), torch.uint8)], pin=pin)
+            if index < len(self._act_arenas):
+                self._act_arenas[index] = arena
+            else:
+                self._act_arenas.append(arena)
+        return arena.buffers[0][:nbytes].view(dtype)
 
     def _offload(self, t: torch.Tensor) -> _Offloaded:
         streams = self.streams
@@ -643,5 +822,6 @@ class Runtime:
         if arena is not None:
             arena.release()
             self._channel_arena = None
+        self._outer = {}
         self.slots = None  # type: ignore[assignment]
         self.channels = None  # type: ignore[assignment]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -22,16 +23,49 @@ class WorkerError(RuntimeError):
     """Raised in the training process when a task on the megatrain host worker failed."""
 
 
+def default_host_threads() -> int:
+    """All cores this process may use but one: the training thread keeps a core to launch kernels."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def per_thread_intra_op() -> bool:
+    """Whether ``torch.set_num_threads`` called on one thread leaves the others alone: true for torch's
+    OpenMP backend (the team size is a per-thread OpenMP setting, MKL's is set thread-locally), not
+    for the native thread pool, which is one pool for the whole process."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 class Worker:
-    def __init__(self, name: str = "megatrain-host") -> None:
+    """One host thread running tasks in submission order.
+
+    ``threads`` caps the intra-op threads of the worker's own kernels (fused optimizer, gradient
+    accumulation), so the host step does not take every core from the training thread that launches
+    the GPU's kernels. It is set on the worker thread with ``torch.set_num_threads``, which under
+    torch's OpenMP backend changes only the calling thread's team size; torch also records the value
+    as the default for threads that start later, so the creating thread restores that default. Under
+    the native thread pool the setting is process-wide and the cap is not applied.
+    """
+
+    def __init__(self, name: str = "megatrain-host", threads: int | None = None) -> None:
         self._tasks: deque[Callable[[], None]] = deque()
         self._cond = threading.Condition()
         self._submitted = 0
         self._done = 0
         self._error: BaseException | None = None
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.threads: int | None = None  # the cap in effect on the worker thread
+        cap = threads if threads is not None and per_thread_intra_op() else None
+        default = torch.get_num_threads()
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(cap, started), name=name, daemon=True)
         self._thread.start()
+        started.wait()
+        if cap is not None:
+            torch.set_num_threads(default)  # this thread and later ones keep the process default
 
     def submit(self, fn: Callable[[], None]) -> int:
         with self._cond:
@@ -64,7 +98,11 @@ class Worker:
         self._thread.join()
         self._error = None
 
-    def _run(self) -> None:
+    def _run(self, cap: int | None, started: threading.Event) -> None:
+        if cap is not None:
+            torch.set_num_threads(cap)
+            self.threads = torch.get_num_threads()
+        started.set()
         while True:
             with self._cond:
                 while not self._tasks and not self._closed:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .host import HostArena
+from .host import HostArena, add_widened
 
 
 @dataclass
@@ -178,16 +178,24 @@ class Unit:
     def trainable(self) -> bool:
         return self.gnumel > 0
 
-    def refresh_compute(self) -> None:
+    def _version(self) -> int:
+        """Changes whenever a parameter, its master or the image is written in place (fused optimizers
+        do not bump versions: the runtime forces a re-cast after each step)."""
+        return self.master._version + self.compute._version + sum(e.param._version for e in self.entries)
+
+    def refresh_compute(self, force: bool = False) -> None:
         """Re-cast the streamed copies of the fp32 masters that changed in place since the last cast.
 
         A frozen master is cast once (again only if something writes it, e.g. a checkpoint load);
-        trainable ones also when the arena was written through another view."""
+        trainable ones also when the image was written through another view, and all of them with
+        ``force`` (after an optimizer step: torch's fused kernels update in place without bumping
+        tensor versions)."""
         raw = self.compute._version
         with torch.no_grad():
             for e in self._cast:
                 version = e.param._version
-                if self._synced.get(id(e)) == version and (e.goffset is None or raw == self._synced_raw):
+                fresh = self._synced.get(id(e)) == version and (e.goffset is None or raw == self._synced_raw)
+                if fresh and not (force and e.goffset is not None):
                     continue
                 self.param_view(self.compute, e).copy_(self.store_view(e))
                 self._synced[id(e)] = version
@@ -220,7 +228,7 @@ class Unit:
                     e.param.grad = self.grad_view(e)
                 return
             if all(e.param.grad is not None and e.param.grad.data_ptr() == self.grad_view(e).data_ptr() for e in trainable):
-                self.grad.add_(src)
+                add_widened(self.grad, src)
                 return
         for e, ok in zip(trainable, produced):
             if not ok:
@@ -230,6 +238,8 @@ class Unit:
                 view = self.grad_view(e)
                 view.copy_(g)
                 e.param.grad = view
+            elif e.param.grad.is_contiguous():
+                add_widened(e.param.grad, g)
             else:
                 e.param.grad.add_(g)
 
