@@ -82,7 +82,13 @@ def _child(args: argparse.Namespace) -> None:
         enable_progress_bar=False, enable_model_summary=False, devices=1,
     )
     trainer.fit(model, data)
-    print(json.dumps({"mode": args.child, "peak": vm("VmHWM"), "params": params}))
+    out = {"mode": args.child, "peak": vm("VmHWM"), "end": vm("VmRSS"), "params": params}
+    plan = getattr(trainer.strategy, "memory_plan", None)
+    if plan is not None:
+        # on the CPU the "device" buffers (layer slots, the non-layer parameters' device copies and their
+        # gradients) are host memory too; on a GPU they are not
+        out.update(plan_host=plan.host_total, plan_device=plan.device_total)
+    print(json.dumps(out))
 
 
 def _run_child(args: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -101,13 +107,19 @@ def measure_bytes(args: argparse.Namespace) -> dict[str, Any]:
     for mode in ("plain", *MODES):
         r = _run_child(args, mode)
         r["bytes_per_param"] = (r["peak"] - empty) / r["params"]
+        r["end_bytes_per_param"] = (r["end"] - empty) / r["params"]
         rows.append(r)
-    print(f"peak RSS of a 2-step bf16-mixed AdamW fit minus an empty process ({empty / 2**20:.0f} MiB), "
-          f"{rows[0]['params'] / 1e6:.0f}M parameters")
-    print(f"{'run':<18}{'peak MiB':>10}{'B/param':>10}")
+    print(f"RSS of a 2-step bf16-mixed AdamW fit minus the peak of an empty process ({empty / 2**20:.0f} MiB), "
+          f"{rows[0]['params'] / 1e6:.0f}M parameters, per parameter")
+    print(f"{'run':<22}{'peak':>8}{'at end':>8}{'plan: host':>12}{'plan: device':>14}{'peak - device':>15}")
     for r in rows:
         name = "plain Lightning" if r["mode"] == "plain" else f"host_memory={r['mode']}"
-        print(f"{name:<18}{r['peak'] / 2**20:>10.0f}{r['bytes_per_param']:>10.1f}")
+        plan = (f"{r['plan_host'] / r['params']:>12.1f}{r['plan_device'] / r['params']:>14.1f}"
+                f"{r['bytes_per_param'] - r['plan_device'] / r['params']:>15.1f}"
+                if "plan_host" in r else f"{'':>12}{'':>14}{'':>15}")
+        print(f"{name:<22}{r['bytes_per_param']:>8.1f}{r['end_bytes_per_param']:>8.1f}{plan}")
+    print("(on the CPU the plan's device part - layer slots, the non-layer parameters' device copies and "
+          "gradients - is host memory too)")
     return {"empty_peak": empty, "rows": rows}
 
 
@@ -231,6 +243,8 @@ def main() -> None:
         _child(args)
         return
     config = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "vocab", "seq", "batch", "steps", "seeds", "lr")}
+    if args.part == "curves":
+        config["vocab"] = 256  # byte-level: the corpus's bytes are the tokens
     if args.part == "bytes":
         result = measure_bytes(args)
     else:
