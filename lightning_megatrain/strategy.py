@@ -349,7 +349,10 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         check_state_dict(expected, checkpoint["state_dict"], strict=strict)
         if omitted:
             checkpoint = {**checkpoint, "state_dict": {**self.lightning_module.state_dict(), **checkpoint["state_dict"]}}
-        trainer = self.lightning_module._trainer
+        try:
+            trainer: Optional[pl.Trainer] = self.lightning_module.trainer
+        except RuntimeError:  # not attached to a Trainer
+            trainer = None
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING and self.lightning_restore_optimizer:
             # Lightning loads the optimizer state after the weights: refuse a mismatch before either changes
             for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", [])):
