@@ -2,7 +2,11 @@
 anything (meta tensors): host bytes, device slots, bytes per micro-batch over the host link, and the
 tokens per micro-batch that hide those transfers.
 
-    python benchmarks/lora_plan.py [--rank 16] [--prefetch 1]
+    python benchmarks/lora_plan.py [--rank 16] [--prefetch 1] [--batch-tokens 8192] [--host-memory fast]
+
+``--host-memory auto`` resolves the mode as a GPU run would (``plan_batch_tokens`` = ``--batch-tokens``).
+The plans in examples/configs/lora_llama3_*.yaml come from
+``python benchmarks/lora_plan.py --prefetch 2 --batch-tokens 16384 --host-memory auto``.
 """
 
 from __future__ import annotations
@@ -19,19 +23,31 @@ SHAPES = {  # Llama-3 shapes
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def plan(shape: str, rank: int = 16, prefetch: int = 1, batch_tokens: int = 8192) -> Any:
+def plan(
+    shape: str | dict[str, int],
+    rank: int = 16,
+    prefetch: int = 1,
+    batch_tokens: int = 8192,
+    host_memory: str = "fast",
+    vocab_size: int = 128256,
+    **plan_kwargs: Any,
+) -> Any:
+    """The plan of a bf16 Llama base (a name in ``SHAPES`` or LlamaConfig keyword arguments) with LoRA
+    on all projections and AdamW on the adapters; ``host_memory="auto"`` resolves as on a GPU."""
     import peft
     import transformers
 
-    from lightning_megatrain.memory import plan_memory
+    from lightning_megatrain.memory import choose_host_memory, plan_memory
 
-    cfg = transformers.LlamaConfig(vocab_size=128256, **SHAPES[shape])
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, **(SHAPES[shape] if isinstance(shape, str) else shape))
     with torch.device("meta"):
         base = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
         model = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     layers = list(base.model.layers)
-    return plan_memory(model, layers, torch.bfloat16, torch.device("cpu"), prefetch, [opt], batch_tokens=batch_tokens)
+    mode, reason = choose_host_memory(host_memory, "cuda", torch.bfloat16, batch_tokens)
+    return plan_memory(model, layers, torch.bfloat16, torch.device("cpu"), prefetch, [opt], batch_tokens=batch_tokens,
+                       host_memory=mode, host_memory_reason=reason if host_memory == "auto" else "", **plan_kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,9 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--prefetch", type=int, default=1)
     parser.add_argument("--batch-tokens", type=int, default=8192)
+    parser.add_argument("--host-memory", default="fast", choices=["fast", "compact", "lean", "auto"])
     args = parser.parse_args(argv)
     for shape in SHAPES:
-        p = plan(shape, args.rank, args.prefetch, args.batch_tokens)
+        p = plan(shape, args.rank, args.prefetch, args.batch_tokens, args.host_memory)
         frozen = p.params - p.trainable
         print(f"== Llama {shape}, LoRA r={args.rank} on all projections, {args.batch_tokens} tokens per micro-batch")
         print(p)
