@@ -50,13 +50,41 @@ def plan(
                        host_memory=mode, host_memory_reason=reason if host_memory == "auto" else "", **plan_kwargs)
 
 
+def largest_fitting(
+    host_gib: float = 128, gpu_gib: float = 80, reserve_gib: float = 16, batch_tokens: int = 16384, prefetch: int = 1,
+    rank: int = 16,
+) -> tuple[int, Any]:
+    """The most Llama-3-70B-shaped decoder layers (of 80) whose LoRA plan fits a host of ``host_gib``
+    (less ``reserve_gib`` for the process, CUDA context and OS) and a GPU of ``gpu_gib`` (GB, 1e9 bytes,
+    as GPUs are sold): the size of the ``lora`` part of benchmarks/throughput.py."""
+    def fits(layers: int) -> tuple[bool, Any]:
+        p = plan({**SHAPES["70B"], "num_hidden_layers": layers}, rank, prefetch, batch_tokens)
+        return p.host_total <= (host_gib - reserve_gib) * 2**30 and p.device_total <= gpu_gib * 1e9, p
+
+    lo, hi = 1, SHAPES["70B"]["num_hidden_layers"]  # fits(lo) assumed; bisect the last that fits
+    if fits(hi)[0]:
+        return hi, fits(hi)[1]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid)[0] else (lo, mid)
+    return lo, fits(lo)[1]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--prefetch", type=int, default=1)
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--host-memory", default="fast", choices=["fast", "compact", "lean", "auto"])
+    parser.add_argument("--largest", nargs=2, type=float, metavar=("HOST_GIB", "GPU_GB"), default=None,
+                        help="instead: the most 70B-shaped layers whose plan fits this host and GPU (16 GiB kept for the process)")
     args = parser.parse_args(argv)
+    if args.largest is not None:
+        layers, p = largest_fitting(args.largest[0], args.largest[1], batch_tokens=args.batch_tokens, prefetch=args.prefetch,
+                                    rank=args.rank)
+        print(f"== {layers} Llama-3-70B-shaped layers fit a {args.largest[0]:g} GiB host (16 GiB kept) and a {args.largest[1]:g} GB GPU")
+        print(p)
+        return
     for shape in SHAPES:
         p = plan(shape, args.rank, args.prefetch, args.batch_tokens, args.host_memory)
         frozen = p.params - p.trainable
