@@ -12,6 +12,10 @@
 #             offload, FSDP offload (DeepSpeed needs .whl, fetch_deepspeed.sh) 500 s budget   ~8 min
 #   long      long_context.py, 1B-class: offload on, then off; starts at 128k
 #             tokens, a trial predicted over 100 s is not run                 480 s budget   ~6-8 min
+#   lora      throughput.py, LoRA r=16 on all linear layers, bf16 base, 4 x 4096
+#             tokens: megatrain on 59B (70B-shaped, 66 layers: the largest
+#             whose plan fits 128 GiB host + 80 GB GPU); then 8B megatrain
+#             and plain PEFT on the GPU (+ checkpointing)                     270 s + 175 s  ~5-7 min
 #
 # usage on the device:  PYTHONUNBUFFERED=1 benchmarks/gpu_session.sh tests
 set -uo pipefail
@@ -45,6 +49,12 @@ case "${1:-tests}" in
       --min-len 16384 --start-len 131072 --max-len 1048576 --resolution 65536 --chunk-mlp 16 --trial-cap 100 --budget 450 \
       --out "$OUT/long_context_1b.json" 2>&1 | tee "$OUT/long_context_1b.txt"
     ;;
+  lora)
+    timeout 270 python3 benchmarks/throughput.py --sizes 59b --strategies lora_megatrain --seq 4096 --batch 4 \
+      --steps 2 --warmup 1 --timeout 255 --budget 260 --out "$OUT/throughput_lora_59b.json" 2>&1 | tee "$OUT/throughput_lora_59b.txt"
+    timeout 175 python3 benchmarks/throughput.py --sizes 8b --strategies lora_megatrain lora_peft --seq 4096 --batch 4 \
+      --steps 3 --warmup 2 --timeout 100 --budget 165 --out "$OUT/throughput_lora_8b.json" 2>&1 | tee "$OUT/throughput_lora_8b.txt"
+    ;;
   *)
-    echo "unknown part: $1 (tests | profile | speed | long)"; exit 2 ;;
+    echo "unknown part: $1 (tests | profile | speed | long | lora)"; exit 2 ;;
 esac

@@ -9,6 +9,17 @@ Each (size, strategy) runs in its own subprocess (memory, process groups and out
 stay isolated). Llama-style models are built locally from configs with random init; the loss is the
 chunked LM cross-entropy for every strategy; AdamW; bf16-mixed by default.
 
+LoRA (``--strategies lora_megatrain lora_peft``): a bf16 base (frozen; random values, no
+initialisation pass) with PEFT LoRA (r=``--lora-rank``, alpha 2r, dropout 0.05) on all linear layers
+but the head, AdamW on the adapters, bf16-mixed. ``lora_megatrain`` streams the base from host memory
+(built there); ``lora_peft`` is plain PEFT with the model on the GPU (``strategy="auto"``) and
+gradient checkpointing, as PEFT users run it. Sizes ``8b`` (Llama-3-8B shape) and ``59b`` (Llama-3-70B's
+layer shape, 66 of its 80 layers: the most whose LoRA plan fits a 128 GiB host less 16 GiB for the
+process and an 80 GB GPU at 16,384 tokens per micro-batch, ``python benchmarks/lora_plan.py --largest
+128 80 --batch-tokens 16384``). Model FLOPs of a LoRA step count what the work needs, not 6·N:
+forward and input gradients of the frozen base (4·N_frozen) and forward, input and weight gradients
+of the adapters (6·N_trainable), times tokens.
+
 Reported: tokens/s; model TFLOPS = 6·N·tokens / step time with N = all parameters (embeddings and
 head included; recompute is not counted); MFU against the bf16 matmul peak measured in the same
 process; peak GPU memory (max allocated); peak host RSS; for megatrain the time the GPU waited on
@@ -23,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,8 +45,54 @@ SIZES: dict[str, dict[str, int]] = {
     "3b": dict(hidden=3072, layers=28, intermediate=8192, heads=24, kv_heads=8, vocab=32000),
     "7b": dict(hidden=4096, layers=32, intermediate=11008, heads=32, kv_heads=32, vocab=32000),
     "14b": dict(hidden=5120, layers=48, intermediate=13824, heads=40, kv_heads=8, vocab=32000),
+    # LoRA sizes (Llama-3 vocabulary)
+    "8b": dict(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
+    "59b": dict(hidden=8192, layers=66, intermediate=28672, heads=64, kv_heads=8, vocab=128256),
 }
-STRATEGIES = ("megatrain", "plain", "plain_ckpt", "deepspeed_stage_3_offload", "fsdp_offload")
+FULL_STRATEGIES = ("megatrain", "plain", "plain_ckpt", "deepspeed_stage_3_offload", "fsdp_offload")
+LORA_STRATEGIES = ("lora_megatrain", "lora_peft")
+STRATEGIES = FULL_STRATEGIES + LORA_STRATEGIES
+
+
+def _fill_random(module: Any, std: float = 0.02) -> None:
+    """Give a model built without initialisation realistic values fast: matrices tile one random
+    buffer (a GPU's matmul speed and power draw depend on the data, not on its periodicity), vectors
+    (norm weights) are 1. A full random initialisation of a 59B model on the CPU takes minutes."""
+    import torch
+
+    buffers: dict[Any, Any] = {}
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim < 2:
+                p.fill_(1.0)
+                continue
+            key = (p.device, p.dtype)
+            if key not in buffers:
+                buffers[key] = (torch.randn(1 << 24, device=p.device) * std).to(p.dtype)
+            src, flat = buffers[key], p.view(-1)
+            for i in range(0, flat.numel(), src.numel()):
+                n = min(src.numel(), flat.numel() - i)
+                flat[i : i + n].copy_(src[:n])
+
+
+def _lora_model(cfg: Any, device: Any, rank: int, checkpointing: bool) -> Any:
+    """A bf16 Llama built on ``device`` without an initialisation pass, random-filled, with PEFT LoRA on all linear layers."""
+    import peft
+    import torch
+    import transformers
+
+    try:  # transformers >= 5
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+
+    with torch.device(device), no_init_weights():
+        base = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    _fill_random(base)
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules="all-linear")
+    return peft.get_peft_model(base, lora)  # adapters in fp32 (PEFT casts them up), base frozen
 
 
 def _child(args: argparse.Namespace) -> dict[str, Any]:
@@ -53,6 +111,7 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     strategy_name = args.one
+    lora = strategy_name in LORA_STRATEGIES
     if strategy_name in ("deepspeed_stage_3_offload", "fsdp_offload") and not cuda:
         return {"skipped": f"{strategy_name} needs a CUDA device"}
     if strategy_name == "deepspeed_stage_3_offload":
@@ -83,6 +142,10 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
             self.model: Any = None
 
         def configure_model(self) -> None:
+            if self.model is None and lora:
+                # megatrain: built in host memory, where it stays; plain PEFT: built on the GPU
+                where = device if strategy_name == "lora_peft" else torch.device("cpu")
+                self.model = _lora_model(cfg, where, args.lora_rank, checkpointing=strategy_name == "lora_peft")
             if self.model is None:
                 self.model = transformers.LlamaForCausalLM(cfg)
                 if strategy_name == "plain_ckpt":
@@ -90,19 +153,22 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
 
         def training_step(self, batch: Any, batch_idx: int) -> Any:
             ids = batch[0]
-            h = self.model.model(input_ids=ids).last_hidden_state
-            return chunked_linear_cross_entropy(h[:, :-1], self.model.lm_head.weight, ids[:, 1:])
+            hf = self.model.get_base_model() if lora else self.model  # PEFT's LoRA layers sit inside it
+            h = hf.model(input_ids=ids).last_hidden_state
+            return chunked_linear_cross_entropy(h[:, :-1], hf.lm_head.weight, ids[:, 1:])
 
         def configure_optimizers(self) -> Any:
             if strategy_name == "deepspeed_stage_3_offload":
                 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
                 return DeepSpeedCPUAdam(self.parameters(), lr=1e-5)
-            return torch.optim.AdamW(self.parameters(), lr=1e-5)
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-5)
 
     if strategy_name == "megatrain":
         strategy: Any = lightning_megatrain.MegaTrainStrategy(prefetch=args.prefetch)
-    elif strategy_name in ("plain", "plain_ckpt"):
+    elif strategy_name == "lora_megatrain":
+        strategy = lightning_megatrain.MegaTrainStrategy(prefetch=args.prefetch, plan_batch_tokens=args.batch * args.seq)
+    elif strategy_name in ("plain", "plain_ckpt", "lora_peft"):
         strategy = "auto"
     elif strategy_name == "deepspeed_stage_3_offload":
         from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -137,20 +203,33 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
                         enable_model_summary=False, callbacks=[Timer()])
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with HostMemoryPeak(interval_s=0.01) as host:
+    setup_started = time.perf_counter()
+    with HostMemoryPeak(interval_s=0.01) as host, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model = LM()
         model.configure_model()
+        built = time.perf_counter()
         trainer.fit(model, data)
+    for w in caught:
+        if "cudaHostRegister" not in str(w.message):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     step_times = [b - a for a, b in zip(times, times[1:])][args.warmup :]
     n = sum(p.numel() for p in model.parameters()) if strategy_name != "deepspeed_stage_3_offload" else sum(
         p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
     tokens = args.batch * args.seq
     step = sorted(step_times)[len(step_times) // 2]
+    flops_per_token = 6 * n
+    if lora:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        flops_per_token = 4 * (n - trainable) + 6 * trainable  # no weight gradients for the frozen base
     out: dict[str, Any] = {
         "params": n, "tokens_per_step": tokens, "step_s": step, "tokens_per_s": tokens / step,
-        "model_tflops": 6 * n * tokens / step / 1e12, "host_peak_GiB": (host.peak) / 2**30,
+        "model_tflops": flops_per_token * tokens / step / 1e12, "host_peak_GiB": (host.peak) / 2**30,
         "bf16_matmul_peak_tflops": peak, "machine": machine(),
     }
+    if lora:
+        out.update(trainable=trainable, build_s=built - setup_started, first_step_at_s=times[0] - built if times else None,
+                   unpinned_host_units=sum("cudaHostRegister" in str(w.message) for w in caught))
     if peak:
         out["mfu"] = out["model_tflops"] / peak
     if cuda:
@@ -165,13 +244,14 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["1b"], choices=sorted(SIZES))
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--strategies", nargs="+", default=list(FULL_STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--prefetch", type=int, default=1)
     parser.add_argument("--precision", default="bf16-mixed")
+    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of the lora_* strategies")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     parser.add_argument("--budget", type=float, default=None,
@@ -214,7 +294,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             result_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"throughput-{os.getpid()}-{size}-{strategy}.json"
             cmd = [sys.executable, __file__, "--one", strategy, "--size", size, "--result", str(result_file),
                    "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--prefetch", str(args.prefetch), "--precision", args.precision, "--device", args.device]
+                   "--prefetch", str(args.prefetch), "--precision", args.precision, "--device", args.device,
+                   "--lora-rank", str(args.lora_rank)]
             print(f"running {size} {strategy} ...", flush=True)
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

@@ -131,3 +131,25 @@ def test_host_pipeline_smoke(tmp_path: Path) -> None:
     assert any(r.startswith("accumulate, later micro-batches") for r in rows)
     assert all(r["params_per_s"] > 0 and r["GBps"] > 0 for r in result["rows"])
     assert set(result["targets"]) == {"optimizer_vs_bare_params_per_s", "accumulate_vs_copy_GBps", "scratch_speedup"}
+
+
+def test_throughput_lora_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    bench = _load("throughput")
+    common = ["--seq", "16", "--batch", "2", "--steps", "2", "--warmup", "1", "--precision", "bf16-mixed", "--device", "cpu",
+              "--lora-rank", "4"]
+    out = tmp_path / "lora.json"
+    result = bench.main(["--sizes", "tiny", "--strategies", "lora_megatrain", *common, "--out", str(out)])
+    (mega,) = result["rows"]
+    assert json.loads(out.read_text())["rows"] == [mega]
+    # plain PEFT (strategy="auto", gradient checkpointing) in this process
+    plain = bench.main(["--one", "lora_peft", "--size", "tiny", "--result", str(tmp_path / "peft.json"), *common])
+    size = bench.SIZES["tiny"]
+    h, i, kv = size["hidden"], size["intermediate"], size["hidden"] // size["heads"] * size["kv_heads"]
+    adapters = size["layers"] * 4 * (2 * (h + h) + 2 * (h + kv) + 2 * (h + i) + (i + h))  # r=4 on q,k,v,o,gate,up,down
+    for row in (mega, plain):
+        assert row["tokens_per_s"] > 0 and row["trainable"] == adapters and row["params"] == mega["params"], row
+        # model FLOPs: 4 per frozen parameter (forward, input gradients), 6 per adapter parameter, per token
+        flops = row["model_tflops"] * 1e12 * row["step_s"] / row["tokens_per_step"]
+        assert flops == pytest.approx(4 * (row["params"] - adapters) + 6 * adapters)
+    assert "host_optimizer_s" in mega and mega["unpinned_host_units"] == 0
