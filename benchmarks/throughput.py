@@ -165,7 +165,7 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-5)
 
     if strategy_name == "megatrain":
-        strategy: Any = lightning_megatrain.MegaTrainStrategy(prefetch=args.prefetch)
+        strategy: Any = lightning_megatrain.MegaTrainStrategy(prefetch=args.prefetch, host_memory=args.host_memory)
     elif strategy_name == "lora_megatrain":
         strategy = lightning_megatrain.MegaTrainStrategy(prefetch=args.prefetch, plan_batch_tokens=args.batch * args.seq)
     elif strategy_name in ("plain", "plain_ckpt", "lora_peft"):
@@ -251,6 +251,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--prefetch", type=int, default=1)
     parser.add_argument("--precision", default="bf16-mixed")
+    parser.add_argument("--host-memory", default="auto", choices=["auto", "fast", "compact", "lean"],
+                        help="host_memory of the megatrain rows")
     parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of the lora_* strategies")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
@@ -295,7 +297,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             cmd = [sys.executable, __file__, "--one", strategy, "--size", size, "--result", str(result_file),
                    "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--prefetch", str(args.prefetch), "--precision", args.precision, "--device", args.device,
-                   "--lora-rank", str(args.lora_rank)]
+                   "--lora-rank", str(args.lora_rank), "--host-memory", args.host_memory]
             print(f"running {size} {strategy} ...", flush=True)
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

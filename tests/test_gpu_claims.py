@@ -256,7 +256,9 @@ def test_forward_backward_and_offload_issue_no_host_device_sync(offload: bool) -
     dev = torch.device("cuda")
     prefetch = 2
     model = Stack(n=prefetch + 1)
-    rt = Runtime(model, dev, torch.bfloat16, RuntimeConfig(prefetch=prefetch, offload_activations=offload))
+    # as many gradient channels as layers: backward never waits for the host to return one
+    config = RuntimeConfig(prefetch=prefetch, offload_activations=offload, grad_channels=prefetch + 1)
+    rt = Runtime(model, dev, torch.bfloat16, config)
     try:
         x = torch.randn(8, 256, device=dev, requires_grad=True)
 
