@@ -194,9 +194,11 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         self.setup_precision_plugin()
 
     def teardown(self) -> None:
-        self._finish_save()
-        self._detach()
-        super().teardown()
+        try:
+            self._finish_save()  # a failed background write is raised here at the latest
+        finally:
+            self._detach()
+            super().teardown()
 
     def _detach(self) -> None:
         if self.runtime is not None:
