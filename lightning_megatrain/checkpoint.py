@@ -276,10 +276,6 @@ def remove_stale(directory: _PathLike) -> list[Path]:
     return done
 
 
-def _remove_stale_tmp(target: Path) -> None:
-    remove_stale(target.parent)
-
-
 def remove_checkpoint(path: _PathLike) -> None:
     """Delete a checkpoint so that it is never seen half-deleted: a directory is first renamed to a
     hidden name (which a later save removes if this process dies meanwhile), then deleted."""
