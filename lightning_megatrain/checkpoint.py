@@ -406,7 +406,8 @@ class ShardedSave:
         self._after: list[Any] = []
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._ended = threading.Event()
+        self._running = threading.Event()  # the writer thread has begun
+        self._ended = threading.Event()  # ... and is done, published or failed
 
     # -- synchronisation for the asynchronous mode
     def wait_group(self, group: int) -> None:
@@ -420,12 +421,25 @@ class ShardedSave:
             self._cond.notify_all()
 
     def start(self) -> ShardedSave:
-        self._thread = threading.Thread(target=self._run_catching, name="megatrain-checkpoint", daemon=False)
+        thread = threading.Thread(target=self._run_catching, name="megatrain-checkpoint", daemon=False)
         _IN_FLIGHT.add(self)
-        self._thread.start()
+        self._thread = thread
+        try:
+            thread.start()
+        except BaseException:
+            # A Ctrl-C can arrive inside start(), usually while it waits for the new thread to report
+            # that it runs: then the thread runs and join() waits for it. If it was never launched,
+            # nothing is to be waited for.
+            if not self._running.wait(timeout=1.0):
+                self._thread = None
+                self._finish(published=False)
+                self._ended.set()
+                _IN_FLIGHT.discard(self)
+            raise
         return self
 
     def _run_catching(self) -> None:
+        self._running.set()
         try:
             self.run()
         except BaseException as err:  # noqa: BLE001 - re-raised by wait()

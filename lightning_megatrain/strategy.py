@@ -309,7 +309,13 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             checkpoint, Path(filepath), self.checkpoint_shard_bytes, checksums=self.checkpoint_checksums, **self._groups(checkpoint)
         )
         if self.async_checkpoint and self.runtime is not None:
-            self._saving = save.start()
+            # held before the thread starts: a Ctrl-C during start() must still find it to wait for
+            self._saving = save
+            try:
+                save.start()
+            except Exception:
+                self._saving = None
+                raise
             self.runtime.gate = save.wait_group
         else:
             save.run()

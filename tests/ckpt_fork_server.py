@@ -13,7 +13,9 @@ sleeps a little so that saves take most of the time and a kill is likely to land
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -58,6 +60,7 @@ def main() -> None:
         if cmd == "run":
             pid = os.fork()
             if pid == 0:
+                faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung child can be asked where it is
                 code = 1
                 try:
                     code = _child(args[0], args[1], args[2], float(args[3]))
