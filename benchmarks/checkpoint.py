@@ -2,6 +2,7 @@
 of a checkpoint with and without ``async_checkpoint``.
 
     python benchmarks/checkpoint.py --hidden 1024 --layers 12 --steps 12 --every 4 --out benchmarks/results/checkpoint.json
+    python benchmarks/checkpoint.py --repeats 3 --no-training     # save/load only, with and without per-shard CRC-32
 
 Runs on the GPU when there is one, otherwise on the CPU. Prints a table and writes JSON with the machine.
 """
@@ -9,8 +10,10 @@ Runs on the GPU when there is one, otherwise on the CPU. Prints a table and writ
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
+import zlib
 import tempfile
 import time
 from pathlib import Path
@@ -107,6 +110,8 @@ def main(argv: "list[str] | None" = None) -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--dir", default=None, help="where checkpoints are written (default: a temporary directory)")
     parser.add_argument("--out", default=None, help="write the results here as JSON")
+    parser.add_argument("--repeats", type=int, default=1, help="saves with and without checksums, alternating; medians reported")
+    parser.add_argument("--no-training", action="store_true", help="only the save/load measurements")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -120,23 +125,46 @@ def main(argv: "list[str] | None" = None) -> None:
         opt.step()
         state = {"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()]}
         nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3
-        with HostMemoryPeak() as save_mem:
+        plain_s, summed_s = [], []
+        for i in range(args.repeats):  # new names each time: no replacement of an older save is timed
+            with HostMemoryPeak() as save_mem:
+                t0 = time.perf_counter()
+                ck.save_sharded(state, root / f"one-{i}", shard_bytes=args.shard_mib * 2**20)
+                plain_s.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            ck.save_sharded(state, root / "one", shard_bytes=args.shard_mib * 2**20)
-            save_s = time.perf_counter() - t0
+            ck.save_sharded(state, root / f"summed-{i}", shard_bytes=args.shard_mib * 2**20, checksums=True)
+            summed_s.append(time.perf_counter() - t0)
+            if i:
+                shutil.rmtree(root / f"one-{i}")
+                shutil.rmtree(root / f"summed-{i - 1}")
+        save_s, checksum_s = statistics.median(plain_s), statistics.median(summed_s)
+        # the CPU cost alone (no disk): CRC-32 over every tensor of the state, in memory
+        tensors = list(state["state_dict"].values()) + [
+            v for s in state["optimizer_states"][0]["state"].values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0
+        ]
+        t0 = time.perf_counter()
+        for t in tensors:
+            zlib.crc32(memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()))
+        crc_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ck.load_sharded(root / f"summed-{args.repeats - 1}")  # reads every shard once to verify its CRC-32
+        verify_s = time.perf_counter() - t0
         with HostMemoryPeak() as load_mem:
             t0 = time.perf_counter()
-            loaded = ck.load_sharded(root / "one")
+            loaded = ck.load_sharded(root / "one-0")
             with torch.no_grad():
                 for k, v in model.state_dict().items():
                     v.copy_(loaded["state_dict"][k])
             load_s = time.perf_counter() - t0
         single = {"state_bytes": nbytes, "save_s": save_s, "save_GBps": nbytes / save_s / 1e9,
                   "save_peak_extra_MiB": save_mem.extra / 2**20, "load_s": load_s,
-                  "load_peak_extra_MiB": load_mem.extra / 2**20, "shard_MiB": args.shard_mib}
+                  "load_peak_extra_MiB": load_mem.extra / 2**20, "shard_MiB": args.shard_mib,
+                  "save_s_all": plain_s, "save_checksums_s": checksum_s, "save_checksums_s_all": summed_s,
+                  "checksum_cost_pct": 100 * (checksum_s - save_s) / save_s, "load_verify_checksums_s": verify_s,
+                  "crc32_in_memory_s": crc_s, "crc32_GBps": nbytes / crc_s / 1e9}
         del model, opt, state, loaded
-        runs = [_train(args, root / f"run-{m}", m) for m in ("none", "sync", "async")]
-        base = runs[0]["fit_s"]
+        runs = [] if args.no_training else [_train(args, root / f"run-{m}", m) for m in ("none", "sync", "async")]
+        base = runs[0]["fit_s"] if runs else 0.0
         for r in runs[1:]:
             r["overhead_per_checkpoint_s"] = (r["fit_s"] - base) / r["checkpoints"]
 
@@ -145,6 +173,9 @@ def main(argv: "list[str] | None" = None) -> None:
     print(f"state {nbytes / 2**20:.0f} MiB (weights + AdamW state), shards of {args.shard_mib} MiB")
     print(f"  save {single['save_s']:.2f} s ({single['save_GBps']:.2f} GB/s), peak extra anonymous RSS {single['save_peak_extra_MiB']:.0f} MiB")
     print(f"  load + copy into the model {single['load_s']:.2f} s, peak extra anonymous RSS {single['load_peak_extra_MiB']:.0f} MiB")
+    print(f"  save with per-shard CRC-32 {checksum_s:.2f} s ({single['checksum_cost_pct']:+.0f}% vs {save_s:.2f} s, medians of "
+          f"{args.repeats}); load verifying them {verify_s:.2f} s; CRC-32 alone in memory {crc_s:.2f} s "
+          f"({single['crc32_GBps']:.2f} GB/s)")
     print(f"\n{'checkpoints':<12}{'params':>12}{'steps':>6}{'saves':>6}{'fit s':>8}{'median step s':>14}{'max step s':>11}{'cost per save s':>16}")
     for r in runs:
         cost = f"{r['overhead_per_checkpoint_s']:.2f}" if "overhead_per_checkpoint_s" in r else "-"

@@ -11,20 +11,34 @@ A checkpoint is a directory::
 
 Tensors are streamed to disk from the memory they live in (no copy of the model is built), one
 shard file at a time, into a temporary directory beside the target that is renamed into place only
-when complete: a process killed mid-save leaves the previous checkpoint as it was.
+when complete: a process killed mid-save leaves the previous checkpoint as it was. Temporary
+directories are named ``.<name>.megatrain-{tmp,old,del}-<pid>-<id>-<host>``; every save removes those
+of dead processes on this host that it finds in its directory (and puts back a previous checkpoint
+that a killed save had moved aside).
+
+Loading checks the structure of every file (and the per-shard CRC-32 when the index has one) before
+anything is returned, and raises :class:`CheckpointCorruptError` naming the checkpoint, the file and
+what is wrong.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
 import json
+import logging
 import os
+import pickle
+import re
 import shutil
+import socket
 import struct
 import sys
 import threading
 import uuid
+import weakref
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +68,34 @@ _DTYPES: dict[torch.dtype, str] = {
 _FROM_NAME = {v: k for k, v in _DTYPES.items()}
 
 
+log = logging.getLogger(__name__)
+
+
 class CheckpointMismatchError(ValueError):
     """The checkpoint's tensor names or shapes do not match the model; nothing was loaded."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint directory is damaged (a file missing, truncated or unreadable); nothing was loaded."""
+
+    def __init__(self, checkpoint: _PathLike, file: str, problem: str) -> None:
+        self.checkpoint, self.file, self.problem = Path(checkpoint), file, problem
+        super().__init__(
+            f"checkpoint {checkpoint} is damaged: {file}: {problem}. Nothing was loaded; resume from another "
+            "checkpoint (e.g. the previous one of ModelCheckpoint's top-k)."
+        )
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (disk full, permissions, ...); the checkpoint was not published and
+    whatever was at its path before is unchanged. The cause is chained."""
+
+    def __init__(self, path: _PathLike, cause: BaseException) -> None:
+        self.path = Path(path)
+        super().__init__(
+            f"writing checkpoint {path} failed: {cause}. The checkpoint was not published; what was at that "
+            "path before (if anything) and older checkpoints are unchanged."
+        )
 
 
 def is_sharded_checkpoint(path: _PathLike) -> bool:
@@ -80,7 +120,9 @@ def _nbytes(t: Tensor) -> int:
 class _ShardWriter:
     """Writes one safetensors file: the header first (all offsets are known), then each tensor in turn."""
 
-    def __init__(self, path: Path, items: list[tuple[str, Tensor]], metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, path: Path, items: list[tuple[str, Tensor]], metadata: dict[str, str] | None = None, checksum: bool = False
+    ) -> None:
         header: dict[str, Any] = {}
         offset = 0
         for name, t in items:
@@ -95,12 +137,16 @@ class _ShardWriter:
         blob += b" " * (-len(blob) % 8)
         self.path = path
         self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(blob)))
-        self._file.write(blob)
+        head = struct.pack("<Q", len(blob)) + blob
+        self.crc: int | None = zlib.crc32(head) if checksum else None
+        self._file.write(head)
         self.nbytes = offset
 
     def write(self, t: Tensor) -> None:
-        self._file.write(memoryview(_raw(t)))  # type: ignore[arg-type]
+        data = memoryview(_raw(t))  # type: ignore[arg-type]
+        if self.crc is not None:
+            self.crc = zlib.crc32(data, self.crc)
+        self._file.write(data)
 
     def close(self) -> None:
         self._file.flush()
@@ -175,24 +221,74 @@ def _split(checkpoint: Mapping[str, Any], model_groups: Mapping[str, int], optim
     return skeleton, items
 
 
+_HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
+_AUX = re.compile(r"^\.(?P<name>.+)\.megatrain-(?P<kind>tmp|old|del)-(?P<pid>\d+)-(?P<id>[0-9a-f]{8})(?:-(?P<host>.+))?$")
+
+
+def _aux_name(target: Path, kind: str) -> Path:
+    """A hidden sibling of ``target``: ``tmp`` a save being written, ``old`` the previous checkpoint while
+    it is swapped out, ``del`` a checkpoint being removed. Pid and host say whose it is."""
+    return target.parent / f".{target.name}.megatrain-{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{_HOST}"
+
+
 def _tmp_name(target: Path) -> Path:
-    return target.parent / f".{target.name}.megatrain-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return _aux_name(target, "tmp")
 
 
-def _remove_stale_tmp(target: Path) -> None:
-    """Temporary directories left by a process that died mid-save."""
-    prefix = f".{target.name}.megatrain-tmp-"
-    if not target.parent.is_dir():
-        return
-    for entry in target.parent.iterdir():
-        if not entry.name.startswith(prefix):
+def remove_stale(directory: _PathLike) -> list[Path]:
+    """Clean up after processes on this host that died in a save or removal in ``directory``.
+
+    Temporary (``tmp``) and half-removed (``del``) directories of dead processes are deleted; a previous
+    checkpoint that a killed save had moved aside (``old``) is put back if nothing took its place, else
+    deleted. Directories of live processes, of this process and of other hosts are left alone. Returns
+    the paths deleted or restored.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = []
+    for entry in directory.iterdir():
+        m = _AUX.match(entry.name)
+        if m is None or (m["host"] not in (None, _HOST)):
             continue
-        try:
-            pid = int(entry.name[len(prefix) :].split("-")[0])
-        except ValueError:
+        pid = int(m["pid"])
+        if pid == os.getpid() or _pid_alive(pid):
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        stale.append((m["kind"], entry, directory / m["name"]))
+    done = []
+    for kind, entry, target in sorted(stale, key=lambda x: x[0] != "old"):  # put back before deleting the rest
+        if kind == "old" and not (target.exists() or target.is_symlink()):
+            try:
+                os.rename(entry, target)
+                log.warning("put back checkpoint %s, moved aside by a save that did not finish", target)
+                done.append(entry)
+                continue
+            except OSError:
+                pass
+        if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
+        else:
+            try:
+                entry.unlink()
+            except OSError:
+                pass
+        done.append(entry)
+    if done:
+        _fsync_dir(directory)
+    return done
+
+
+def remove_checkpoint(path: _PathLike) -> None:
+    """Delete a checkpoint so that it is never seen half-deleted: a directory is first renamed to a
+    hidden name (which a later save removes if this process dies meanwhile), then deleted."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        doomed = _aux_name(path, "del")
+        os.rename(path, doomed)
+        _fsync_dir(path.parent)
+        shutil.rmtree(doomed, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -235,15 +331,23 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _publish(tmp: Path, target: Path) -> None:
-    """Move the finished temporary directory to ``target``, replacing what was there atomically."""
+    """Move the finished temporary directory to ``target``, replacing what was there atomically
+    (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere two renames, undone on failure, and put right by
+    the next save's :func:`remove_stale` if the process dies between them)."""
     _fsync_dir(tmp)
     if target.exists() or target.is_symlink():
         if target.is_dir() and not target.is_symlink() and _exchange(tmp, target):
+            _fsync_dir(target.parent)
             shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous checkpoint
         else:
-            old = target.parent / f".{target.name}.megatrain-old-{uuid.uuid4().hex[:8]}"
+            old = _aux_name(target, "old")
             os.rename(target, old)
-            os.rename(tmp, target)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            _fsync_dir(target.parent)
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
             else:
@@ -253,10 +357,33 @@ def _publish(tmp: Path, target: Path) -> None:
     _fsync_dir(target.parent)
 
 
+class _Abandoned(Exception):
+    """The process is exiting while a background save was still writing: it is given up."""
+
+
+_IN_FLIGHT: "weakref.WeakSet[ShardedSave]" = weakref.WeakSet()
+
+
+@atexit.register
+def _abandon_unfinished() -> None:
+    # Background writers are not daemon threads, so the interpreter waits for them at exit; this runs
+    # only when that wait was cut short (a second Ctrl-C): give the saves up cleanly, leaving the
+    # previous checkpoint and no temporary directory.
+    for save in list(_IN_FLIGHT):
+        save.abort()
+    for save in list(_IN_FLIGHT):
+        save._ended.wait(timeout=30)
+
+
 class ShardedSave:
     """One save in progress. ``run`` writes everything; ``wait_group(g)`` returns once every tensor of
     group ``g`` (one streamed layer's weights and optimizer state) is on disk, so the optimizer may
-    update that layer while the rest is still being written."""
+    update that layer while the rest is still being written.
+
+    In the background (``start``) the writer is not a daemon thread: a process that exits while a save
+    is in flight finishes it first. Work that must wait until the checkpoint is published (deleting an
+    older one) is handed to ``after_publish``; it is dropped if the save fails.
+    """
 
     def __init__(
         self,
@@ -265,17 +392,24 @@ class ShardedSave:
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         model_groups: Mapping[str, int] | None = None,
         optimizer_groups: list[Mapping[int, int]] | None = None,
+        checksums: bool = False,
     ) -> None:
         if shard_bytes <= 0:
             raise ValueError(f"shard size must be positive, got {shard_bytes}")
         self.target = Path(path)
         self.skeleton, self.items = _split(checkpoint, model_groups or {}, optimizer_groups or [])
         self.shard_bytes = shard_bytes
+        self.checksums = checksums
         self._cond = threading.Condition()
         self._written_group = -1
         self._done = False
+        self._published = False
+        self._aborted = False
+        self._after: list[Any] = []
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._running = threading.Event()  # the writer thread has begun
+        self._ended = threading.Event()  # ... and is done, published or failed
 
     # -- synchronisation for the asynchronous mode
     def wait_group(self, group: int) -> None:
@@ -289,67 +423,140 @@ class ShardedSave:
             self._cond.notify_all()
 
     def start(self) -> ShardedSave:
-        self._thread = threading.Thread(target=self._run_catching, name="megatrain-checkpoint", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._run_catching, name="megatrain-checkpoint", daemon=False)
+        _IN_FLIGHT.add(self)
+        self._thread = thread
+        try:
+            thread.start()
+        except BaseException:
+            # A Ctrl-C can arrive inside start(), usually while it waits for the new thread to report
+            # that it runs: then the thread runs and join() waits for it. If it was never launched,
+            # nothing is to be waited for.
+            if not self._running.wait(timeout=1.0):
+                self._thread = None
+                self._finish(published=False)
+                self._ended.set()
+                _IN_FLIGHT.discard(self)
+            raise
         return self
 
     def _run_catching(self) -> None:
+        self._running.set()
         try:
             self.run()
         except BaseException as err:  # noqa: BLE001 - re-raised by wait()
             self._error = err
+        finally:
+            _IN_FLIGHT.discard(self)
+            self._ended.set()
+
+    @property
+    def done(self) -> bool:
+        """The write has finished, published or failed (its failure is raised by ``wait``)."""
+        with self._cond:
+            return self._done
+
+    def after_publish(self, fn: Any) -> None:
+        """Run ``fn()`` once the checkpoint is published (now, if it is); never if the save fails."""
+        with self._cond:
+            if not self._published:
+                if not self._done:
+                    self._after.append(fn)
+                return
+        fn()
+
+    def abort(self) -> None:
+        """Give the save up at the next tensor (its temporary directory is removed)."""
+        with self._cond:
+            self._aborted = True
+
+    def join(self) -> None:
+        """Wait for the background write to end (a ``KeyboardInterrupt`` may cut the wait short; the write
+        goes on and a later ``join`` waits again)."""
+        if self._thread is not None:
+            # not Thread.join: on Python 3.11 a join cut short by KeyboardInterrupt can mark the thread as
+            # stopped while it still runs (bpo-45274), and every later join would return at once
+            self._ended.wait()
+            self._thread.join()
 
     def wait(self) -> None:
-        """Join the background save and re-raise its failure."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Join the background save and raise its failure (:class:`CheckpointWriteError`) once."""
+        self.join()
         if self._error is not None:
             err, self._error = self._error, None
-            raise RuntimeError(f"writing checkpoint {self.target} failed: {err!r}") from err
+            if isinstance(err, CheckpointWriteError):
+                raise err
+            raise CheckpointWriteError(self.target, err) from err
 
     # -- the write itself
     def run(self) -> None:
         target = self.target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_tmp(target)
-        tmp = _tmp_name(target)
-        tmp.mkdir()
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(target.parent)
+            tmp = _tmp_name(target)
+            tmp.mkdir()
+        except OSError as err:
+            self._finish(published=False)
+            raise CheckpointWriteError(target, err) from err
+        published = False
         try:
             self._write(tmp)
             _publish(tmp, target)
-        except BaseException:
+            published = True
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, Exception):
+                raise CheckpointWriteError(target, err) from err
             raise
         finally:
-            with self._cond:
-                self._done = True
-                self._cond.notify_all()
+            after = self._finish(published)
+        for fn in after:
+            try:
+                fn()
+            except Exception as err:  # noqa: BLE001 - the new checkpoint is safe; an old one stays behind
+                log.warning("checkpoint %s was saved, but removing an older one failed: %r", target, err)
+
+    def _finish(self, published: bool) -> list[Any]:
+        with self._cond:
+            self._done = True
+            self._published = published
+            after, self._after = (self._after if published else []), []
+            self._cond.notify_all()
+        return after
 
     def _write(self, tmp: Path) -> None:
         streams = {}
+        indexes = []
         for kind, prefix, index in (("model", "model", MODEL_INDEX), ("optimizer", "optimizer", OPTIMIZER_INDEX)):
             shards = _plan([it for it in self.items if it.kind == kind], self.shard_bytes)
             names = [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
             weight_map = {it.name: fname for fname, shard in zip(names, shards) for it in shard}
             total = sum(_nbytes(it.tensor) for it in self.items if it.kind == kind)
-            with open(tmp / index, "w") as f:
-                json.dump({"metadata": {"total_size": total, "format": FORMAT}, "weight_map": weight_map}, f, indent=1)
-            streams[kind] = _ShardStream(tmp, list(zip(names, shards)))
+            streams[kind] = _ShardStream(tmp, list(zip(names, shards)), self.checksums)
+            indexes.append((index, {"total_size": total, "format": FORMAT}, weight_map, streams[kind]))
         # interleave model and optimizer tensors group by group (layer by layer)
         by_group: dict[int, list[_Item]] = {}
         for it in self.items:
             by_group.setdefault(it.group, []).append(it)
         for group in sorted(by_group):
             for it in by_group[group]:
+                if self._aborted:
+                    raise _Abandoned(f"the process exited while {self.target} was being written")
                 streams[it.kind].write(it)
             self._mark(group)
         for s in streams.values():
             s.close()
+        # the indexes last: they carry the shards' checksums
+        for index, metadata, weight_map, stream in indexes:
+            if stream.checksums:
+                metadata["crc32"] = stream.checksums
+            with open(tmp / index, "w") as f:
+                json.dump({"metadata": metadata, "weight_map": weight_map}, f, indent=1)
         torch.save(self.skeleton, tmp / STATE_FILE)
         with open(tmp / META_FILE, "w") as f:
             json.dump({"format": FORMAT, "version": VERSION}, f)
-        for name in (STATE_FILE, META_FILE):
+        for name in (MODEL_INDEX, OPTIMIZER_INDEX, STATE_FILE, META_FILE):
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
 
@@ -357,9 +564,11 @@ class ShardedSave:
 class _ShardStream:
     """Writes a sequence of shard files in order; a shard's file is open only while it is written."""
 
-    def __init__(self, directory: Path, shards: list[tuple[str, list[_Item]]]) -> None:
+    def __init__(self, directory: Path, shards: list[tuple[str, list[_Item]]], checksum: bool = False) -> None:
         self._dir = directory
         self._shards = shards
+        self._checksum = checksum
+        self.checksums: dict[str, str] = {}  # shard file -> CRC-32 of the whole file, hex
         self._pos = -1
         self._left = 0
         self._writer: _ShardWriter | None = None
@@ -372,32 +581,99 @@ class _ShardStream:
         self._left -= 1
 
     def _next(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        self._close_writer()
         self._pos += 1
         name, items = self._shards[self._pos]
-        self._writer = _ShardWriter(self._dir / name, [(it.name, it.tensor) for it in items], {"format": "pt"})
+        self._writer = _ShardWriter(self._dir / name, [(it.name, it.tensor) for it in items], {"format": "pt"}, self._checksum)
         self._left = len(items)
 
-    def close(self) -> None:
+    def _close_writer(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            if self._writer.crc is not None:
+                self.checksums[self._writer.path.name] = f"{self._writer.crc:08x}"
             self._writer = None
 
+    def close(self) -> None:
+        self._close_writer()
 
-def save_sharded(checkpoint: Mapping[str, Any], path: _PathLike, shard_bytes: int = DEFAULT_SHARD_BYTES, **groups: Any) -> None:
-    """Write ``checkpoint`` (a Lightning checkpoint dict) as a sharded directory at ``path``."""
-    ShardedSave(checkpoint, path, shard_bytes, **groups).run()
+
+def save_sharded(
+    checkpoint: Mapping[str, Any], path: _PathLike, shard_bytes: int = DEFAULT_SHARD_BYTES, checksums: bool = False, **groups: Any
+) -> None:
+    """Write ``checkpoint`` (a Lightning checkpoint dict) as a sharded directory at ``path``.
+
+    ``checksums=True`` records a CRC-32 of each shard file in the index, verified on load."""
+    ShardedSave(checkpoint, path, shard_bytes, checksums=checksums, **groups).run()
 
 
 # ----------------------------------------------------------------------------- reading
-def read_safetensors(path: _PathLike) -> dict[str, Tensor]:
-    """Tensors of one safetensors file as memory-mapped (copy-on-write) views: nothing is read until used."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+_MAX_HEADER = 100 * 1024**2
+
+
+def _read_header(path: Path, checkpoint: Path | None = None) -> tuple[int, dict[str, Any]]:
+    """Header length and tensor entries of one safetensors file, checked against the file's size."""
+    where = checkpoint if checkpoint is not None else path.parent
+    fname = path.name if checkpoint is not None else str(path)
+
+    def bad(problem: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(where, fname, problem)
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"truncated: {size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                raise bad(f"bad header: header length {n} but the file has {size} bytes (truncated or not safetensors)")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise bad("file missing") from None
+    except IsADirectoryError:
+        raise bad("is a directory, expected a safetensors file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise bad(f"bad header: not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise bad("bad header: not a JSON object")
     header.pop("__metadata__", None)
+    end_max = 0
+    for name, info in header.items():
+        try:
+            dtype = _FROM_NAME[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"bad header entry for tensor {name!r}: {info!r}") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if min(shape, default=0) < 0 or begin < 0 or end - begin != numel * itemsize:
+            raise bad(f"bad header entry for tensor {name!r}: offsets {begin}..{end} do not hold {dtype} of shape {shape}")
+        end_max = max(end_max, end)
+    expected = 8 + n + end_max
+    if size < expected:
+        raise bad(f"truncated: expected {expected} bytes, the file has {size}")
+    return n, header
+
+
+def _crc32_file(path: Path, chunk: int = 64 * 1024**2) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(chunk)
+            if not data:
+                return crc
+            crc = zlib.crc32(data, crc)
+
+
+def read_safetensors(path: _PathLike, checkpoint: Optional[_PathLike] = None) -> dict[str, Tensor]:
+    """Tensors of one safetensors file as memory-mapped (copy-on-write) views: nothing is read until used.
+    A damaged file raises :class:`CheckpointCorruptError` (``checkpoint`` names the directory in it)."""
+    path = Path(path)
+    n, header = _read_header(path, Path(checkpoint) if checkpoint is not None else None)
     if not header:
         return {}
     data = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
@@ -414,42 +690,96 @@ def read_safetensors(path: _PathLike) -> dict[str, Tensor]:
     return out
 
 
-def read_index(directory: _PathLike, index: str) -> dict[str, Tensor]:
+def _read_json(directory: Path, name: str) -> Any:
+    try:
+        with open(directory / name) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointCorruptError(directory, name, "file missing (the save did not finish, or the file was deleted)") from None
+    except IsADirectoryError:
+        raise CheckpointCorruptError(directory, name, "is a directory, expected a JSON file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointCorruptError(directory, name, f"not valid JSON ({err})") from None
+
+
+def read_index(directory: _PathLike, index: str, verify: bool = True) -> dict[str, Tensor]:
+    """Every tensor named in a safetensors index, memory-mapped. The index's entries must all be in their
+    shards, and the shards' CRC-32s (if the index records them) must match, else
+    :class:`CheckpointCorruptError`."""
     directory = Path(directory)
-    with open(directory / index) as f:
-        weight_map: dict[str, str] = json.load(f)["weight_map"]
+    data = _read_json(directory, index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointCorruptError(directory, index, "no valid weight_map")
+    checksums = (data.get("metadata") or {}).get("crc32", {}) if verify else {}
     out: dict[str, Tensor] = {}
     for fname in dict.fromkeys(weight_map.values()):
-        out.update(read_safetensors(directory / fname))
+        if Path(fname).name != fname:
+            raise CheckpointCorruptError(directory, index, f"shard name {fname!r} is not a file name")
+        tensors = read_safetensors(directory / fname, checkpoint=directory)
+        if fname in checksums:
+            got = f"{_crc32_file(directory / fname):08x}"
+            if got != checksums[fname]:
+                raise CheckpointCorruptError(directory, fname, f"checksum mismatch: CRC-32 {got}, the index records {checksums[fname]}")
+        out.update(tensors)
+    missing = [name for name, fname in weight_map.items() if name not in out]
+    if missing:
+        name = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointCorruptError(directory, weight_map[name], f"{index} lists tensor {name!r}{more}, which is not in this file")
     return {name: out[name] for name in weight_map}
 
 
-def _resolve(obj: Any, tensors: Mapping[str, Mapping[str, Tensor]]) -> Any:
+def _resolve(obj: Any, tensors: Mapping[str, Mapping[str, Tensor]], path: Path) -> Any:
     if isinstance(obj, dict):
         if len(obj) == 1 and "__megatrain_ref__" in obj:
             kind, name = obj["__megatrain_ref__"]
-            return tensors[kind][name]
-        return {k: _resolve(v, tensors) for k, v in obj.items()}
+            try:
+                return tensors[kind][name]
+            except KeyError:
+                index = MODEL_INDEX if kind == "model" else OPTIMIZER_INDEX
+                raise CheckpointCorruptError(path, STATE_FILE, f"refers to tensor {name!r}, which {index} does not list") from None
+        return {k: _resolve(v, tensors, path) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_resolve(v, tensors) for v in obj]
+        return [_resolve(v, tensors, path) for v in obj]
     return obj
 
 
+def _load_state(path: Path, weights_only: Optional[bool]) -> Any:
+    file = path / STATE_FILE
+    if not file.is_file():
+        raise CheckpointCorruptError(path, STATE_FILE, "file missing (the save did not finish, or the file was deleted)")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=bool(weights_only))
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err):
+            raise  # a policy refusal (an unsafe global), not damage
+        raise CheckpointCorruptError(path, STATE_FILE, f"unreadable ({err})") from err
+    except (EOFError, RuntimeError, ValueError) as err:
+        raise CheckpointCorruptError(path, STATE_FILE, f"unreadable ({err})") from err
+
+
 def load_sharded(path: _PathLike, weights_only: Optional[bool] = None) -> dict[str, Any]:
-    """The Lightning checkpoint dict of a sharded directory, with tensors memory-mapped from the shards."""
+    """The Lightning checkpoint dict of a sharded directory, with tensors memory-mapped from the shards.
+
+    Every file is checked first (presence, headers, sizes, index entries, checksums if recorded): a
+    damaged checkpoint raises :class:`CheckpointCorruptError` before anything is returned."""
     path = Path(path)
-    with open(path / META_FILE) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
-        raise ValueError(f"{path} is not a {FORMAT} checkpoint of version <= {VERSION}: {meta}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    meta = _read_json(path, META_FILE)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointCorruptError(path, META_FILE, f"not a {FORMAT} checkpoint description: {meta!r}")
+    if meta.get("version", 0) > VERSION:
+        raise ValueError(f"{path} is a {FORMAT} checkpoint of version {meta.get('version')}; this lightning-megatrain reads versions <= {VERSION}: upgrade it")
     tensors = {"model": read_index(path, MODEL_INDEX), "optimizer": read_index(path, OPTIMIZER_INDEX)}
-    skeleton = torch.load(path / STATE_FILE, map_location="cpu", weights_only=bool(weights_only))
-    return _resolve(skeleton, tensors)
+    skeleton = _load_state(path, weights_only)
+    return _resolve(skeleton, tensors, path)
 
 
 def load_any(path: _PathLike, weights_only: Optional[bool] = None) -> dict[str, Any]:
     """A megatrain directory or a single-file Lightning checkpoint."""
-    if is_sharded_checkpoint(path):
+    if Path(path).is_dir():
         return load_sharded(path, weights_only)
     return torch.load(path, map_location="cpu", weights_only=weights_only if weights_only is not None else False)
 

@@ -26,9 +26,9 @@ from .checkpoint import (
     ShardedSave,
     check_optimizer_state,
     check_state_dict,
-    is_sharded_checkpoint,
     load_sharded,
 )
+from .checkpoint import remove_checkpoint as remove_checkpoint_dir
 from .engine import Runtime, RuntimeConfig, check_optimizer
 from .memory import HOST_MEMORY_MODES, choose_host_memory, plan_memory
 from .placement import place_states
@@ -62,6 +62,10 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             forward. ``False`` makes ``optimizer_step`` return only when the update is done.
         async_checkpoint: write sharded checkpoints on a background thread while training goes on; each
             layer's next update waits until that layer's tensors are written, so the checkpoint is one step.
+            Older checkpoints that ``ModelCheckpoint`` removes are deleted only once the new one is
+            published; a failed write is raised at the next training step.
+        checkpoint_checksums: record a CRC-32 of each shard in a sharded checkpoint's index, verified
+            when it is loaded (catches silent corruption; costs a pass over the data on save and load).
         host_memory: how training state is held on the host (bytes per trainable parameter with AdamW and
             ``bf16-mixed``). ``"fast"`` (18 B): a bf16 copy of each layer is kept and streamed (2 B/param
             over PCIe per pass). ``"compact"`` (16 B, same numbers): the fp32 masters are streamed and
@@ -95,6 +99,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         checkpoint_format: Literal["sharded", "single_file"] = "sharded",
         checkpoint_shard_bytes: int = DEFAULT_SHARD_BYTES,
         async_checkpoint: bool = False,
+        checkpoint_checksums: bool = False,
         overlap_optimizer: bool = True,
         host_memory: Literal["auto", "fast", "compact", "lean"] = "auto",
         checkpoint_frozen: Optional[bool] = None,
@@ -144,6 +149,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         self.checkpoint_format = checkpoint_format
         self.checkpoint_shard_bytes = checkpoint_shard_bytes
         self.async_checkpoint = async_checkpoint
+        self.checkpoint_checksums = checkpoint_checksums
         self.overlap_optimizer = overlap_optimizer
         self.host_memory = host_memory
         self.checkpoint_frozen = checkpoint_frozen
@@ -232,9 +238,11 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         self.setup_precision_plugin()
 
     def teardown(self) -> None:
-        self._finish_save()
-        self._detach()
-        super().teardown()
+        try:
+            self._finish_save()  # a failed background write is raised here at the latest
+        finally:
+            self._detach()
+            super().teardown()
 
     def _detach(self) -> None:
         if self.runtime is not None:
@@ -248,6 +256,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         return self.runtime.bound() if self.runtime is not None else contextlib.nullcontext()
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_save()
         with self._bound():
             return super().training_step(*args, **kwargs)
 
@@ -323,7 +332,8 @@ class MegaTrainStrategy(SingleDeviceStrategy):
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         self._finish_save()
-        if is_sharded_checkpoint(checkpoint_path):
+        if isinstance(checkpoint_path, (str, Path)) and Path(checkpoint_path).is_dir():
+            # checked whole before anything is restored: a damaged one raises CheckpointCorruptError
             return load_sharded(checkpoint_path, weights_only=weights_only)
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
@@ -383,9 +393,17 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             return
         if not self.is_global_zero:
             return
-        save = ShardedSave(checkpoint, Path(filepath), self.checkpoint_shard_bytes, **self._groups(checkpoint))
+        save = ShardedSave(
+            checkpoint, Path(filepath), self.checkpoint_shard_bytes, checksums=self.checkpoint_checksums, **self._groups(checkpoint)
+        )
         if self.async_checkpoint and self.runtime is not None:
-            self._saving = save.start()
+            # held before the thread starts: a Ctrl-C during start() must still find it to wait for
+            self._saving = save
+            try:
+                save.start()
+            except Exception:
+                self._saving = None
+                raise
             self.runtime.gate = save.wait_group
         else:
             save.run()
@@ -411,16 +429,47 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             optimizer_groups.append({i: unit_of.get(p.data_ptr(), 0) for i, p in enumerate(params)})
         return {"model_groups": model_groups, "optimizer_groups": optimizer_groups}
 
-    def _finish_save(self) -> None:
-        save, self._saving = self._saving, None
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Delete an older checkpoint (``ModelCheckpoint``'s top-k rotation, ``save_last``) only once the
+        save in flight is published, so a complete checkpoint exists at every moment; if that save
+        fails, the older checkpoint stays."""
+        if not self.is_global_zero:
+            return
+        save = self._saving
         if save is not None:
-            if self.runtime is not None and self.runtime.gate == save.wait_group:
-                self.runtime.gate = None
-            save.wait()
+            save.after_publish(lambda: self._remove_now(filepath))
+        else:
+            self._remove_now(filepath)
+
+    def _remove_now(self, filepath: Any) -> None:
+        if isinstance(filepath, (str, Path)) and Path(filepath).is_dir():
+            remove_checkpoint_dir(filepath)  # renamed aside first: never seen half-deleted
+        else:
+            super().remove_checkpoint(filepath)
+
+    def _check_save(self) -> None:
+        """Raise the failure of a background save that has ended (with its path and cause)."""
+        save = self._saving
+        if save is not None and save.done:
+            self._finish_save()
+
+    def _finish_save(self) -> None:
+        save = self._saving
+        if save is None:
+            return
+        # keep the reference until the write has ended: a Ctrl-C that cuts this wait short leaves it for
+        # on_exception/teardown to wait for again, instead of abandoning a half-written checkpoint
+        save.join()
+        self._saving = None
+        if self.runtime is not None and self.runtime.gate == save.wait_group:
+            self.runtime.gate = None
+        save.wait()  # CheckpointWriteError naming the path and the cause
 
     def on_exception(self, exception: BaseException) -> None:
         try:
             self._finish_save()  # a checkpoint already being written is completed, not lost
+        except Exception as err:  # noqa: BLE001 - do not hide the exception being handled
+            log.error("%s", err)
         finally:
             self._detach()
         super().on_exception(exception)

@@ -348,6 +348,7 @@ class Runtime:
 
     def step(self, optimizer: Optimizer, **kwargs: Any) -> None:
         """Launch the user's optimizer on the host, unit by unit in forward order, and return at once."""
+        self.worker.check()  # a failed host task stops training here rather than after the next forward
         hparams = snapshot_groups(optimizer)
         per_unit = split_params(optimizer, self._owner, len(self.units))
         self.slots.invalidate()
@@ -570,10 +571,10 @@ class Runtime:
             start = time.perf_counter()
             unit.accumulate(host[: unit.gnumel], produced)
             self._stats.accumulate_s += time.perf_counter() - start
-            if release is not None:
-                self.channels.put(release)
 
-        self.worker.submit(task)
+        # the channel goes back even when the task fails or is skipped: backward may be waiting for it
+        pool = self.channels
+        self.worker.submit(task, cleanup=(lambda: pool.put(release)) if release is not None else None)
 
     def _check_trainable(self, unit: Unit) -> None:
         if not self.config.grads:
@@ -742,6 +743,15 @@ class Runtime:
         slot = self._acquire(unit, -1)
         self.slots.begin_use(slot)
         try:
+            return self._backward_in_slot(call, unit, slot, inputs, wrt, grad_outputs)
+        finally:
+            self.slots.end_use(slot)  # also on failure: the slot's next copy must wait for these kernels
+
+    def _backward_in_slot(
+        self, call: LayerCall, unit: Unit, slot: Any, inputs: list[torch.Tensor], wrt: list[torch.Tensor],
+        grad_outputs: Sequence[torch.Tensor | None],
+    ) -> list[torch.Tensor | None]:
+        try:
             weights = self._views(unit, slot, grad=True)
             unit.bind(weights)
             # the recompute must not update buffers a second time (BatchNorm running stats)
@@ -765,19 +775,23 @@ class Runtime:
         input_grads = list(grads[: len(wrt)])
         weight_grads = grads[len(wrt) :]
         if unit.trainable:
-            channel = self.channels.get()
-            produced = []
-            with torch.no_grad():
-                for e, g in zip((e for e in unit.entries if e.goffset is not None), weight_grads):
-                    dst = channel.dev[e.goffset : e.goffset + e.numel]
-                    if g is None:
-                        dst.zero_()
-                        produced.append(False)
-                    else:
-                        dst.copy_(g.reshape(-1))
-                        produced.append(True)
-            self._send(unit, channel.dev[: unit.gnumel], channel.host, produced, release=channel)
-        self.slots.end_use(slot)
+            # a failed host task raises here (WorkerError) instead of leaving backward blocked on a channel
+            channel = self.channels.get(check=self.worker.check)
+            try:
+                produced = []
+                with torch.no_grad():
+                    for e, g in zip((e for e in unit.entries if e.goffset is not None), weight_grads):
+                        dst = channel.dev[e.goffset : e.goffset + e.numel]
+                        if g is None:
+                            dst.zero_()
+                            produced.append(False)
+                        else:
+                            dst.copy_(g.reshape(-1))
+                            produced.append(True)
+                self._send(unit, channel.dev[: unit.gnumel], channel.host, produced, release=channel)
+            except BaseException:
+                self.channels.put(channel)  # _send submits last: a failure in it means no task will return it
+                raise
         return input_grads
 
     # ----------------------------------------------------------------- teardown
@@ -790,6 +804,10 @@ class Runtime:
             except Exception:  # noqa: BLE001 - teardown after a failure must still free everything
                 pass
             worker.close()
+        streams = getattr(self, "streams", None)
+        if streams is not None:
+            # copies and kernels still queued may read or write the pinned and device buffers freed below
+            streams.synchronize()
         for optimizer in getattr(self, "_patched", []):
             restore_class(optimizer)
         self._patched = []

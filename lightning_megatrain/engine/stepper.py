@@ -42,6 +42,11 @@ def per_thread_intra_op() -> bool:
 class Worker:
     """One host thread running tasks in submission order.
 
+    A failure is sticky: once a task failed, every later task is skipped (its inputs may be wrong) and
+    every ``wait``/``check`` raises :class:`WorkerError`, so training stops instead of going on with
+    incomplete gradients. A task's ``cleanup`` runs even when the task failed or was skipped: it returns
+    what the training thread may be blocked on (a gradient channel), so a failure can never hang it.
+
     ``threads`` caps the intra-op threads of the worker's own kernels (fused optimizer, gradient
     accumulation), so the host step does not take every core from the training thread that launches
     the GPU's kernels. It is set on the worker thread with ``torch.set_num_threads``, which under
@@ -51,7 +56,7 @@ class Worker:
     """
 
     def __init__(self, name: str = "megatrain-host", threads: int | None = None) -> None:
-        self._tasks: deque[Callable[[], None]] = deque()
+        self._tasks: deque[tuple[Callable[[], None], Callable[[], None] | None]] = deque()
         self._cond = threading.Condition()
         self._submitted = 0
         self._done = 0
@@ -67,36 +72,54 @@ class Worker:
         if cap is not None:
             torch.set_num_threads(default)  # this thread and later ones keep the process default
 
-    def submit(self, fn: Callable[[], None]) -> int:
+    def submit(self, fn: Callable[[], None], cleanup: Callable[[], None] | None = None) -> int:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the megatrain host worker is closed")
-            self._tasks.append(fn)
+            self._tasks.append((fn, cleanup))
             self._submitted += 1
             self._cond.notify_all()
             return self._submitted
 
     def wait(self, ticket: int | None = None) -> None:
-        """Block until task ``ticket`` (default: every task submitted) is done; re-raise a task's failure."""
+        """Block until task ``ticket`` (default: every task submitted) is done; raise if any task failed."""
         with self._cond:
             target = self._submitted if ticket is None else ticket
-            while self._done < target:
-                self._cond.wait()
-            if self._error is not None:
-                err, self._error = self._error, None
-                raise WorkerError(f"a megatrain host task failed: {err!r}") from err
+            while self._done < target and self._error is None:
+                if not self._thread.is_alive():
+                    raise WorkerError("the megatrain host worker thread is gone; its pending tasks will never finish")
+                self._cond.wait(1.0)
+            self._raise()
+
+    def check(self) -> None:
+        """Raise :class:`WorkerError` if a host task has failed (does not wait)."""
+        with self._cond:
+            self._raise()
+            if not self._thread.is_alive() and not self._closed:
+                raise WorkerError("the megatrain host worker thread is gone; its pending tasks will never finish")
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err = self._error
+            raise WorkerError(
+                f"a megatrain host task failed: {err!r}. Gradients or weights of this step are incomplete, so "
+                "training cannot go on; the original error is chained below."
+            ) from err
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
     def close(self) -> None:
-        """Finish queued work and stop the thread; swallow a failure nobody waited for."""
+        """Finish (or, after a failure, skip) queued work, run every cleanup and stop the thread."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._thread.join()
-        self._error = None
 
     def _run(self, cap: int | None, started: threading.Event) -> None:
         if cap is not None:
@@ -109,15 +132,22 @@ class Worker:
                     self._cond.wait()
                 if not self._tasks:
                     return
-                fn = self._tasks.popleft()
+                fn, cleanup = self._tasks.popleft()
                 failed = self._error is not None
+            error: BaseException | None = None
             if not failed:  # after a failure, later tasks are skipped: their inputs may be wrong
                 try:
                     fn()
-                except BaseException as err:  # noqa: BLE001 - re-raised in the waiting thread
-                    with self._cond:
-                        self._error = err
+                except BaseException as err:  # noqa: BLE001 - raised in the waiting thread
+                    error = err
+            if cleanup is not None:
+                try:
+                    cleanup()
+                except BaseException as err:  # noqa: BLE001
+                    error = error or err
             with self._cond:
+                if error is not None and self._error is None:
+                    self._error = error
                 self._done += 1
                 self._cond.notify_all()
 

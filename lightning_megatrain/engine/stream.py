@@ -9,6 +9,7 @@ host-device synchronisation happens here.
 from __future__ import annotations
 
 import queue
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -50,6 +51,15 @@ class Streams:
                 dst.copy_(src, non_blocking=True)
         else:
             dst.copy_(src)
+
+    def synchronize(self) -> None:
+        """Wait for all work on the device (before freeing memory that queued copies may still use).
+        An error the device reports here (a failed kernel) is not raised: teardown must go on."""
+        if self.cuda:
+            try:
+                torch.cuda.synchronize(self.device)
+            except RuntimeError:
+                pass
 
     def record_all(self) -> list[Any]:
         """Events after everything enqueued so far on the H2D and compute streams."""
@@ -162,8 +172,17 @@ class ChannelPool:
         for ch in channels:
             self._free.put(ch)
 
-    def get(self) -> GradChannel:
-        return self._free.get()
+    def get(self, check: Callable[[], None] | None = None, poll_s: float = 0.05) -> GradChannel:
+        """A free channel; while none is free, ``check()`` runs every ``poll_s`` seconds so that a failed
+        host worker (which raises there) cannot leave the caller blocked forever."""
+        if check is None:
+            return self._free.get()
+        while True:
+            check()
+            try:
+                return self._free.get(timeout=poll_s)
+            except queue.Empty:
+                continue
 
     def put(self, ch: GradChannel) -> None:
         self._free.put(ch)
