@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -103,14 +102,19 @@ def is_sharded_checkpoint(path: _PathLike) -> bool:
 
 
 # ----------------------------------------------------------------------------- safetensors writing
-def _raw(t: Tensor) -> np.ndarray:
-    """The tensor's bytes as a zero-copy numpy view (a copy only for a non-contiguous tensor)."""
+def _raw(t: Tensor) -> tuple[Tensor, memoryview]:
+    """The tensor's bytes as a zero-copy memoryview (a copy only for a non-contiguous tensor), and the
+    tensor that owns them (keep it alive while the view is used). torch tensors have no buffer
+    protocol and numpy is not a dependency, so the view is made over the data pointer with ctypes."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     if not t.is_contiguous():
         t = t.contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy()
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return t, memoryview(b"")
+    return t, memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
 def _nbytes(t: Tensor) -> int:
@@ -143,7 +147,7 @@ class _ShardWriter:
         self.nbytes = offset
 
     def write(self, t: Tensor) -> None:
-        data = memoryview(_raw(t))  # type: ignore[arg-type]
+        owner, data = _raw(t)  # noqa: F841 - owner keeps the viewed memory alive
         if self.crc is not None:
             self.crc = zlib.crc32(data, self.crc)
         self._file.write(data)
@@ -676,7 +680,8 @@ def read_safetensors(path: _PathLike, checkpoint: Optional[_PathLike] = None) ->
     n, header = _read_header(path, Path(checkpoint) if checkpoint is not None else None)
     if not header:
         return {}
-    data = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
+    # private (copy-on-write) mapping: nothing is read until used, and writes never reach the file
+    data = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
     start = 8 + n
     out = {}
     for name, info in header.items():
