@@ -36,7 +36,11 @@ def hidden_tokens(stream_bytes_per_param: float, flops: float = DENSE_FLOPS_PER_
 def choose_host_memory(
     requested: str, device: torch.device | str, compute_dtype: torch.dtype, batch_tokens: int | None = None
 ) -> tuple[str, str]:
-    """The host memory mode to use and why: ``"compact"`` wherever it costs no time, else ``"fast"``."""
+    """The host memory mode to use and why: ``"compact"`` wherever it costs no time, else ``"fast"``.
+
+    On a GPU that is from ~16k tokens per micro-batch (``hidden_tokens(2)``): the layer copies are
+    hidden behind compute there and the host optimizer is the bound; without ``batch_tokens`` (or
+    below) small micro-batches could be transfer-bound, where half the PCIe bytes matter more."""
     if requested not in HOST_MEMORY_MODES:
         raise ValueError(f"host_memory must be one of {', '.join(repr(m) for m in HOST_MEMORY_MODES)}, got {requested!r}")
     if requested != "auto":
@@ -45,14 +49,18 @@ def choose_host_memory(
         return "compact", "fp32 precision streams the fp32 masters anyway (no compute copy to drop)"
     if torch.device(device).type != "cuda":
         return "compact", "no PCIe on this device: streaming the fp32 masters costs no time and saves 2 B/param"
-    need = hidden_tokens(4)
+    # From the tokens that hide the bf16 copy on, the host's optimizer step, not PCIe, bounds a step, and
+    # dropping the copy also drops its re-cast after every update: measured on an H200 at 16k tokens
+    # (1.1B Llama, no accumulation), "compact" ran 1.17x the tokens/s of "fast" (benchmarks/RESULTS.md).
+    need = hidden_tokens(2)
     if batch_tokens is not None and batch_tokens >= need:
         return "compact", (
-            f"plan_batch_tokens={batch_tokens} >= {need}: the fp32 weight copies (4 B/param) hide behind the forward"
+            f"plan_batch_tokens={batch_tokens} >= {need}: the weight copies hide behind compute and the host step "
+            "is the bound, which the fp32 stream shortens (no re-cast after each update)"
         )
     return "fast", (
-        f"a bf16 copy is streamed (2 B/param, hidden from ~{hidden_tokens(2)} tokens per micro-batch); with "
-        f">= {need} tokens per micro-batch (plan_batch_tokens) host_memory='compact' saves 2 B/param at no cost"
+        f"a bf16 copy is streamed (2 B/param per pass), since the tokens per micro-batch are unknown or few; with "
+        f">= {need} tokens per micro-batch (plan_batch_tokens) host_memory='compact' saves 2 B/param and host time"
     )
 
 

@@ -61,9 +61,9 @@ def test_choose_host_memory_on_a_gpu_follows_the_step_time_model() -> None:
     cuda = torch.device("cuda", 0)
     assert hidden_tokens(4) == 2 * hidden_tokens(2) > 0
     mode, why = choose_host_memory("auto", cuda, torch.bfloat16, None)
-    assert mode == "fast" and str(hidden_tokens(4)) in why
-    assert choose_host_memory("auto", cuda, torch.bfloat16, hidden_tokens(4))[0] == "compact"
-    assert choose_host_memory("auto", cuda, torch.bfloat16, hidden_tokens(4) - 1)[0] == "fast"
+    assert mode == "fast" and str(hidden_tokens(2)) in why
+    assert choose_host_memory("auto", cuda, torch.bfloat16, hidden_tokens(2))[0] == "compact"
+    assert choose_host_memory("auto", cuda, torch.bfloat16, hidden_tokens(2) - 1)[0] == "fast"
     assert choose_host_memory("auto", cuda, torch.float32, None)[0] == "compact"
     assert choose_host_memory("lean", cuda, torch.bfloat16, None)[0] == "lean"
     with pytest.raises(ValueError, match="host_memory must be one of"):
