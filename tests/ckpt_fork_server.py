@@ -61,6 +61,9 @@ def main() -> None:
             pid = os.fork()
             if pid == 0:
                 faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung child can be asked where it is
+                # Ctrl-C must raise KeyboardInterrupt even if this process tree was started with SIGINT
+                # ignored (a shell's background job: Python then installs no handler of its own)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
                 code = 1
                 try:
                     code = _child(args[0], args[1], args[2], float(args[3]))
@@ -68,7 +71,20 @@ def main() -> None:
                     os._exit(code)
             print(pid, flush=True)
         elif cmd == "reap":
-            _, status = os.waitpid(int(args[0]), 0)
+            pid, deadline = int(args[0]), time.monotonic() + 120
+            while True:  # a child that does not end is killed: the test then fails instead of hanging
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    _, status = os.waitpid(pid, 0)
+                    print("timeout", flush=True)
+                    status = None
+                    break
+                time.sleep(0.01)
+            if status is None:
+                continue
             if os.WIFSIGNALED(status):
                 print(f"signal {os.WTERMSIG(status)}", flush=True)
             else:
