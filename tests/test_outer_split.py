@@ -199,3 +199,78 @@ def test_layer_compute_copies_are_cast_once_per_update() -> None:
                 assert torch.equal(unit.param_view(unit.compute, e), unit.store_view(e).to(e.stream_dtype))
     finally:
         rt.detach()
+
+
+def test_every_bind_waits_for_the_workers_copy_of_the_updated_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With CUDA streams, the worker copies a non-layer unit's updated values into the same device
+    buffer after each optimizer step; every forward must make the compute stream wait for that copy
+    (``ready``), also when it reuses the bound leaves. Runs the engine with recording stand-ins for the
+    streams (the CPU's own copies are synchronous and could not show the race). Guards against reusing
+    the leaves without the wait (seen: a wait at step 0 only)."""
+    import contextlib
+
+    from lightning_megatrain.engine import runtime as rtmod
+
+    log: list[tuple[str, int, Any]] = []
+
+    class Ev:
+        count = 0
+
+        def __init__(self) -> None:
+            Ev.count += 1
+            self.id = Ev.count
+
+        def record(self, stream: Any = None) -> None:
+            log.append(("record", self.id, stream))
+
+        def synchronize(self) -> None:
+            pass
+
+    class RecordingStreams:
+        cuda = True
+
+        def __init__(self, device: torch.device) -> None:
+            self.device, self.h2d, self.d2h = device, "h2d", "d2h"
+
+        def event(self) -> Ev:
+            return Ev()
+
+        def compute(self) -> str:
+            return "compute"
+
+        def wait(self, stream: Any, ev: Ev) -> None:
+            log.append(("wait", ev.id, stream))
+
+        def copy(self, stream: Any, dst: torch.Tensor, src: torch.Tensor) -> None:
+            dst.copy_(src)
+
+        def synchronize(self) -> None:
+            pass
+
+        def record_all(self) -> list:
+            return []
+
+    monkeypatch.setattr(rtmod, "Streams", RecordingStreams)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: None)
+    torch.manual_seed(0)
+    model = Stack(n=3)
+    rt = Runtime(model, CPU, torch.float32, RuntimeConfig(host_memory="compact"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rt.attach_optimizer(opt)
+    ready = {side: rt._outer[u.index].ready.id for side, u in (("in", rt.outer_in), ("out", rt.outer_out))}
+    try:
+        for step in range(3):
+            log.clear()
+            with rt.bound():
+                loss = _loss(model, torch.randint(0, 32, (2, 5)))
+            loss.backward()
+            rt.after_backward()
+            for side, ev in ready.items():
+                assert ("wait", ev, "compute") in log, (step, side)
+            log.clear()
+            rt.step(opt)
+            rt.wait()
+            assert ("record", ready["in"], "h2d") in log  # the worker copied the update into the buffer
+    finally:
+        rt.detach()

@@ -485,10 +485,12 @@ class Runtime:
             if outer.issued != unit._version():  # not prefetched (CPU, first step) or changed since
                 outer.free.record(self.streams.compute())
                 self._issue_outer(outer)
-            compute = self.streams.compute()
-            self.streams.wait(compute, outer.ready)
-            outer.free.record(compute)
             outer.leaves = [self._outer_leaf(outer, e) for e in unit.entries]
+        # also when the leaves are reused: the host worker may have copied the updated values into the
+        # same device buffer since (after an optimizer step), and the kernels must wait for that copy
+        compute = self.streams.compute()
+        self.streams.wait(compute, outer.ready)
+        outer.free.record(compute)
         unit.bind(outer.leaves)
         if not outer.bindings or outer.bindings[-1] is not outer.leaves:
             outer.bindings.append(outer.leaves)
