@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import ctypes
+import io
 import json
 import logging
 import os
@@ -402,6 +403,11 @@ class ShardedSave:
             raise ValueError(f"shard size must be positive, got {shard_bytes}")
         self.target = Path(path)
         self.skeleton, self.items = _split(checkpoint, model_groups or {}, optimizer_groups or [])
+        # the rest of the checkpoint (loops, callbacks) is serialised now, on the calling thread: it holds
+        # live objects (ModelCheckpoint's best_k_models) that change while a background write goes on
+        buffer = io.BytesIO()
+        torch.save(self.skeleton, buffer)
+        self._state_bytes = buffer.getvalue()
         self.shard_bytes = shard_bytes
         self.checksums = checksums
         self._cond = threading.Condition()
@@ -557,7 +563,7 @@ class ShardedSave:
                 metadata["crc32"] = stream.checksums
             with open(tmp / index, "w") as f:
                 json.dump({"metadata": metadata, "weight_map": weight_map}, f, indent=1)
-        torch.save(self.skeleton, tmp / STATE_FILE)
+        (tmp / STATE_FILE).write_bytes(self._state_bytes)
         with open(tmp / META_FILE, "w") as f:
             json.dump({"format": FORMAT, "version": VERSION}, f)
         for name in (MODEL_INDEX, OPTIMIZER_INDEX, STATE_FILE, META_FILE):

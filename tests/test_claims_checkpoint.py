@@ -243,3 +243,34 @@ def test_overwriting_a_checkpoint_takes_the_atomic_exchange(tmp_path: Path, monk
     loaded = ck.load_sharded(target)
     assert loaded["global_step"] == 2 and torch.equal(loaded["state_dict"]["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_async_checkpoint_holds_the_callback_state_of_its_own_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An async save's loop and callback state is taken when the save starts: ModelCheckpoint changes
+    its live ``best_k_models`` for the next save while this one is still being written. Guards against
+    pickling that state on the writer thread at the end of the write (seen: step=4's checkpoint listed
+    step=5 among its best models)."""
+
+    class Improving(BlockLM):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            loss = super().training_step(batch, batch_idx)
+            self.log("score", -float(self.global_step))  # strictly improving
+            return loss
+
+    real = ck._ShardWriter.write
+
+    def slow(self: Any, t: Any) -> None:
+        time.sleep(0.01)
+        real(self, t)
+
+    monkeypatch.setattr(ck._ShardWriter, "write", slow)
+    L.seed_everything(0)
+    cb = ModelCheckpoint(dirpath=tmp_path, monitor="score", mode="min", save_top_k=2, every_n_train_steps=1, filename="{step}")
+    trainer(MegaTrainStrategy(async_checkpoint=True), max_steps=5, enable_checkpointing=True, callbacks=[cb]).fit(
+        Improving(dropout=0.0), data()
+    )
+    for path in sorted(tmp_path.glob("step=*.ckpt")):
+        saved = ck.load_sharded(path)
+        state = next(v for k, v in saved["callbacks"].items() if "ModelCheckpoint" in k)
+        step = saved["global_step"]
+        assert all(int(Path(k).name[5:-5]) <= step for k in state["best_k_models"]), (path.name, state["best_k_models"])
