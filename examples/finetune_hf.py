@@ -163,15 +163,19 @@ class HFCausalLMFinetune(CausalLMModule):
         out = Path(self.hparams.export_dir)
         # straight from the host memory megatrain trains in (state_dict waits for the last optimizer step)
         export_hf(self, out)
-        source = Path(self.hparams.pretrained_path)
-        for name in EXTRA_FILES:
-            if (source / name).is_file():
-                shutil.copy(source / name, out / name)
-        if has_tokenizer(source):
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(source).save_pretrained(out)
+        copy_side_files(Path(self.hparams.pretrained_path), out)
         print(f"fine-tuned weights exported in Hugging Face layout to {out}")
+
+
+def copy_side_files(source: Path, out: Path) -> None:
+    """What an exported HF directory needs beside its weights: the extra files and the tokenizer."""
+    for name in EXTRA_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, out / name)
+    if has_tokenizer(source):
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(source).save_pretrained(out)
 
 
 class FinetuneCLI(LightningCLI):

@@ -31,18 +31,16 @@ memory each model needs (from the memory plan, which the run prints at start).
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
 from causal_lm import CausalLMModule  # noqa: E402
-from finetune_hf import DTYPE_KWARG, EXTRA_FILES, TextDataModule, has_tokenizer, load_config, no_init_weights  # noqa: E402
+from finetune_hf import DTYPE_KWARG, FinetuneCLI, TextDataModule, copy_side_files, load_config, no_init_weights  # noqa: E402
 
 import lightning_megatrain  # noqa: E402,F401  # registers strategy="megatrain" for the CLI
 from lightning_megatrain.checkpoint import load_hf_weights  # noqa: E402
@@ -124,27 +122,14 @@ class HFLoRAFinetune(CausalLMModule):
             print(f"LoRA adapters exported in PEFT's format to {out}")
         if hp.merged_dir is not None:
             out = export_merged(self, hp.merged_dir)  # one merged tensor in memory at a time
-            source = Path(hp.pretrained_path)
-            for name in EXTRA_FILES:
-                if (source / name).is_file():
-                    shutil.copy(source / name, out / name)
-            if has_tokenizer(source):
-                from transformers import AutoTokenizer
-
-                AutoTokenizer.from_pretrained(source).save_pretrained(out)
+            copy_side_files(Path(hp.pretrained_path), out)
             print(f"base with the adapters merged in exported in Hugging Face layout to {out}")
 
 
-class LoRACLI(LightningCLI):
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The data module finds the tokenizer (and checks vocab_size / positions) in the model's directory.
-        parser.link_arguments("model.pretrained_path", "data.tokenizer_path")
-
-
-def main(args: Optional[list[str]] = None, run: bool = True) -> LoRACLI:
+def main(args: Optional[list[str]] = None, run: bool = True) -> FinetuneCLI:
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
-    return LoRACLI(
+    return FinetuneCLI(  # the fine-tuning CLI: the data module's tokenizer path follows the model's
         HFLoRAFinetune,
         TextDataModule,
         trainer_defaults={
