@@ -18,10 +18,10 @@ CPU = torch.device("cpu")
 
 
 class Stack(nn.Module):
-    def __init__(self, n: int = 5, d: int = 8) -> None:
+    def __init__(self, n: int = 5, d: int = 8, p: float = 0.2) -> None:
         super().__init__()
         self.emb = nn.Embedding(32, d)
-        self.layers = nn.ModuleList([Block(d, p=0.2) for _ in range(n)])
+        self.layers = nn.ModuleList([Block(d, p=p) for _ in range(n)])
         self.head = nn.Linear(d, 32)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

@@ -13,24 +13,11 @@ from torch import nn
 
 from lightning_megatrain import MegaTrainStrategy
 from lightning_megatrain.engine import Runtime, RuntimeConfig, WorkerError
-from models import Block, BlockLM, data, trainer
+from models import BlockLM, data, trainer
+from test_engine import Stack
 
 CPU = torch.device("cpu")
 LIMIT_S = 20.0  # a hang fails the test instead of blocking the run
-
-
-class Stack(nn.Module):
-    def __init__(self, n: int = 6, d: int = 8) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(32, d)
-        self.layers = nn.ModuleList([Block(d, p=0.0) for _ in range(n)])
-        self.head = nn.Linear(d, 32)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.emb(idx)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
 
 
 IDX = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(0))
@@ -74,7 +61,7 @@ def _slow_failure(message: str, exc: type = ValueError) -> Callable[..., None]:
 def rt() -> Any:
     torch.manual_seed(0)
     before = _host_threads()
-    model = Stack()
+    model = Stack(n=6, p=0.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     runtime = Runtime(model, CPU, torch.float32, RuntimeConfig(prefetch=1))  # 2 gradient channels, 6 layers
     runtime.attach_optimizer(opt)
