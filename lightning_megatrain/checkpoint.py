@@ -43,7 +43,7 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -862,9 +862,14 @@ def _materialize(obj: Any) -> Any:
     return obj
 
 
+def _outermost(module: nn.Module, match: Callable[[nn.Module], bool]) -> list[tuple[str, nn.Module]]:
+    """Submodules (with their names) that ``match`` and are not inside another match."""
+    found = [(name, m) for name, m in module.named_modules() if match(m)]
+    return [(n, m) for n, m in found if not any(n != o and n.startswith(o + ".") for o, _ in found)]
+
+
 def _hf_submodule(module: nn.Module) -> tuple[str, nn.Module]:
-    found = [(name, m) for name, m in module.named_modules() if hasattr(m, "config") and hasattr(m, "save_pretrained")]
-    found = [(n, m) for n, m in found if not any(n != o and n.startswith(o + ".") for o, _ in found)]
+    found = _outermost(module, lambda m: hasattr(m, "config") and hasattr(m, "save_pretrained"))
     if len(found) != 1:
         raise ValueError(
             f"expected one Hugging Face model inside {type(module).__name__}, found {[n for n, _ in found] or 'none'}; "

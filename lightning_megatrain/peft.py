@@ -19,15 +19,14 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import DEFAULT_SHARD_BYTES, _Item, _nbytes, _plan, _ShardWriter
+from .checkpoint import DEFAULT_SHARD_BYTES, _Item, _nbytes, _outermost, _plan, _ShardWriter
 
 _PathLike = Union[str, "Path"]
 
 
 def find_peft_model(module: nn.Module) -> tuple[str, nn.Module]:
     """The (outermost) PEFT model inside ``module`` and its state-dict prefix."""
-    found = [(n, m) for n, m in module.named_modules() if hasattr(m, "peft_config") and hasattr(m, "get_base_model")]
-    found = [(n, m) for n, m in found if not any(n != o and n.startswith(o + ".") for o, _ in found)]
+    found = _outermost(module, lambda m: hasattr(m, "peft_config") and hasattr(m, "get_base_model"))
     if len(found) != 1:
         raise ValueError(
             f"expected one PEFT model (from peft.get_peft_model) inside {type(module).__name__}, found "

@@ -20,6 +20,7 @@ from torch import nn
 from lightning_megatrain import MegaTrainStrategy
 from lightning_megatrain.engine import Runtime, RuntimeConfig
 from models import Block, Recorder, assert_same_training, data, fit_pair, trainer
+from test_gpu import Stack
 
 MiB = 1024**2
 
@@ -232,17 +233,6 @@ def test_event_ordering_holds_with_a_delayed_compute_stream(_strict_fp32: Any, o
 
 
 # ----------------------------------------------------------------------------- no host-device sync
-class Stack(nn.Module):
-    def __init__(self, n: int, d: int = 256) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)) for _ in range(n)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = x + layer(x)
-        return x
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("offload", [False, True], ids=["saved-on-gpu", "offload"])
 def test_forward_backward_and_offload_issue_no_host_device_sync(offload: bool) -> None:
