@@ -83,10 +83,6 @@ class RuntimeConfig:
     host_threads: int | None = None  # intra-op threads of the host worker; None: all cores but one
 
 
-def _dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def _size_class(nbytes: int) -> int:
     """The smallest m * 2**k >= nbytes with m in 4..7: few distinct sizes, at most 25% unused."""
     if nbytes <= 4:
@@ -677,7 +673,7 @@ class Runtime:
         """
         index = self._act_used
         self._act_used += 1
-        nbytes = numel * _dtype_size(dtype)
+        nbytes = numel * dtype.itemsize
         pin = self.config.pin_memory and self.device.type == "cuda"
         arena = self._act_arenas[index] if index < len(self._act_arenas) else None
         if arena is None or arena.nbytes < nbytes:

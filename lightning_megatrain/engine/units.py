@@ -75,7 +75,7 @@ def image_layout(dtypes: Sequence[torch.dtype], numels: Sequence[int]) -> tuple[
     offsets, total = [], 0
     for dtype, numel in zip(dtypes, numels):
         offsets.append(total)
-        total += _align(numel * torch.empty((), dtype=dtype).element_size())
+        total += _align(numel * dtype.itemsize)
     return offsets, total
 
 
@@ -206,7 +206,7 @@ class Unit:
         slot), or a flat buffer of one dtype indexed by element offsets."""
         if buf.dtype == torch.uint8:
             assert e.stream_dtype is not None
-            size = torch.empty((), dtype=e.stream_dtype).element_size()
+            size = e.stream_dtype.itemsize
             return buf[e.boffset : e.boffset + e.numel * size].view(e.stream_dtype).view(e.shape)
         return buf[e.offset : e.offset + e.numel].view(e.shape)
 
