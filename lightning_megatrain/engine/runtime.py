@@ -19,7 +19,7 @@ from .layers import LayerClasses, find_layers
 from .stepper import Worker, check_optimizer, default_host_threads, enable_fused, make_waiting, restore_class, snapshot_groups, split_params, step_unit
 from .state import LeanState
 from .stream import ChannelPool, GradChannel, SlotPool, Streams
-from .units import Entry, Unit, collect_entries
+from .units import Entry, Unit, assign_offsets, collect_entries
 
 
 @dataclass
@@ -245,13 +245,7 @@ class Runtime:
             after = all(order.get(id(m), -1) > first and not contains_layers(m) for m, _ in e.refs)
             (outputs if after else inputs).append(e)
         for side in (inputs, outputs):  # each side is a unit of its own: offsets from 0
-            offset = goffset = 0
-            for e in side:
-                e.offset = offset
-                offset += e.numel
-                if e.goffset is not None:
-                    e.goffset = goffset
-                    goffset += e.numel
+            assign_offsets(side)
         return inputs, outputs
 
     def _outer_copy(self, unit: Unit, side: str) -> _OuterCopy:
@@ -477,8 +471,9 @@ class Runtime:
         self._check_trainable(unit)
         if not unit.entries:
             return
-        if outer.leaves is None or outer.issued != unit._version():
-            if outer.issued != unit._version():  # not prefetched (CPU, first step) or changed since
+        changed = outer.issued != unit._version()  # not prefetched (CPU, first step) or changed since
+        if outer.leaves is None or changed:
+            if changed:
                 outer.free.record(self.streams.compute())
                 self._issue_outer(outer)
             outer.leaves = [self._outer_leaf(outer, e) for e in unit.entries]

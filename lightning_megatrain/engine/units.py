@@ -92,14 +92,23 @@ def collect_entries(modules: list[tuple[str, nn.Module]], exclude: set[int], gra
                     e = entries[id(p)] = Entry(p, 0, p.numel(), p.shape, None, name=f"{mod_name}.{name}".lstrip("."))
                 if (module, name) not in [(m, n) for m, n in e.refs]:
                     e.refs.append((module, name))
+    out = list(entries.values())
+    for e in out:
+        e.goffset = 0 if e.param.requires_grad and grads else None
+    assign_offsets(out)
+    return out
+
+
+def assign_offsets(entries: list[Entry]) -> None:
+    """Each entry's element offset in its unit's flat buffers: the masters, and the gradients for the
+    entries that have gradient space (``goffset`` not None)."""
     offset = goffset = 0
-    for e in entries.values():
+    for e in entries:
         e.offset = offset
         offset += e.numel
-        if e.param.requires_grad and grads:
+        if e.goffset is not None:
             e.goffset = goffset
             goffset += e.numel
-    return list(entries.values())
 
 
 class Unit:
