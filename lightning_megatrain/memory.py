@@ -64,11 +64,6 @@ def choose_host_memory(
     )
 
 
-def lean_state_bytes(optimizer: Optimizer | None) -> int:
-    """Bytes per parameter of the optimizer state held in bf16 (``host_memory="lean"``)."""
-    return optimizer_state_bytes(optimizer) // 2
-
-
 class MemoryPlanError(MemoryError):
     """The plan does not fit this machine; raised before anything is allocated."""
 
@@ -120,7 +115,7 @@ class MemoryPlan:
         recompute in backward), and the trainable layer parameters' gradients back."""
         return 2 * self.stream_bytes + self.grad_bytes
 
-    def tokens_to_hide_transfers(self, link_bytes_s: float = 50e9, device_flops: float = 800e12) -> int:
+    def tokens_to_hide_transfers(self, link_bytes_s: float = PCIE_H2D_BYTES_PER_S, device_flops: float = DENSE_FLOPS_PER_S) -> int:
         """Tokens per micro-batch from which the layer compute (forward 2N, recompute 2N, input
         gradients 2N and weight gradients 2N_trainable FLOPs per token) outlasts the transfers.
 

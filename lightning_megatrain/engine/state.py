@@ -110,12 +110,3 @@ class LeanState:
                 state[key] = narrow
             # state created by this step (the first one) is fp32 and gets its bf16 storage now
             self.narrow(optimizer, params)
-
-    def state_bytes(self, optimizer: Optimizer) -> int:
-        """Bytes of floating state held now (tests and the memory benchmark)."""
-        total = 0
-        for p, state in optimizer.state.items():
-            for value in state.values():
-                if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    total += value.numel() * value.element_size()
-        return total
