@@ -52,7 +52,7 @@ class NodeBoard:
     that died or stopped is named when the wait times out.
     """
 
-    FIELDS = ("pid", "backward", "step", "failed")
+    FIELDS = ("pid", "backward", "step", "failed", "arrive")
 
     def __init__(self, path: str, rank: int, size: int, create: bool) -> None:
         self.rank, self.size, self.path = rank, size, path
@@ -94,6 +94,14 @@ class NodeBoard:
                 raise CollectiveError(f"local rank {r} (pid {pid}) failed while this rank waited for {what}; see its log for the cause.")
             if pid and not _alive(pid):
                 raise CollectiveError(f"local rank {r} (pid {pid}) is gone (killed or crashed) while this rank waited for {what}.")
+
+    def barrier(self, timeout_s: float, what: str) -> None:
+        """Every rank of the node has come here (as often as this one): a barrier in shared memory,
+        without a collective (so no device synchronisation on a GPU)."""
+        col = self.FIELDS.index("arrive")
+        value = int(self.table[self.rank, col]) + 1
+        self.table[self.rank, col] = value
+        self.wait_all("arrive", value, timeout_s, what)
 
     def mark_failed(self) -> None:
         self.table[self.rank, 3] = 1

@@ -432,6 +432,10 @@ class Runtime:
         per_unit = split_params(optimizer, self._owner, len(self.units))
         state = None
         if self.coll is not None:
+            # every rank of the node is done reading the shared parameters and gradients (hooks) before
+            # any rank starts changing its part of them
+            self._wait_node()
+            self.coll.board.barrier(self.coll.timeout_s, "the optimizer step")
             # data parallel: each rank steps the elements it owns, with its own optimizer state for them
             per_unit = [[[self._shard_params[id(p)].param for p in ps if id(p) in self._shard_params] for ps in groups] for groups in per_unit]
             state = self._shard_state(optimizer)
@@ -557,16 +561,18 @@ class Runtime:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         with torch.no_grad():
             for g in grads:
-                g.mul_(coef)
-        self.wait()  # every rank has clipped its part before anyone reads the whole
+                g.mul_(coef)  # (the all-reduce above: every rank had finished reading the gradients)
+        self.coll.board.barrier(self.coll.timeout_s, "gradient clipping")  # ... and all are clipped now
         return total
 
     def clip_grad_value_(self, params: Sequence[torch.Tensor], clip_value: float) -> None:
         """``torch.nn.utils.clip_grad_value_``, each rank clamping the elements it owns."""
         self.wait()
+        self.coll.board.barrier(self.coll.timeout_s, "gradient clipping")  # nobody reads them any more
         with torch.no_grad():
             for g in self._owned_grads(list(params)):
                 g.clamp_(-clip_value, clip_value)
+        self.coll.board.barrier(self.coll.timeout_s, "gradient clipping")  # all are clipped now
 
     def shard_optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """``optimizer.state_dict()`` of what this rank holds: per parameter (indexed as the optimizer's
