@@ -95,12 +95,12 @@ def run(coll: Collective, scenario: str, steps: int = 4, micro: int = 2, per_ran
     state = rt.shard_optimizer_state(opt)
     key = "momentum_buffer" if bf16 else "exp_avg"
     held = torch.tensor([sum(s[key].numel() for s in state["state"].values())])
-    shares = [torch.zeros(1, dtype=held.dtype) for _ in range(world)]
-    dist.all_gather(shares, held)
+    shares = [torch.zeros(1, dtype=held.dtype) for _ in range(coll.size)]  # the ranks of this node
+    dist.all_gather(shares, held, group=coll.group)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(int(s) for s in shares) == trainable, (shares, trainable)
     biggest = max(u.numel for u in rt.units)
-    assert all(int(s) <= trainable / world + biggest / world + 64 for s in shares), (shares, trainable)
+    assert all(int(s) <= trainable / coll.size + biggest / coll.size + 64 for s in shares), (shares, trainable)
     rt.detach()
     if rank == 0:
         print(f"OK {scenario} shares={[int(s) for s in shares]} of {trainable}", flush=True)
@@ -108,8 +108,10 @@ def run(coll: Collective, scenario: str, steps: int = 4, micro: int = 2, per_ran
 
 def main() -> None:
     dist.init_process_group("gloo")
-    coll = Collective.from_world(int(os.environ["LOCAL_WORLD_SIZE"]))
     for scenario in sys.argv[1:]:
+        # "nodes": every process plays a node of one rank (replicas: gradient shards all-reduced across
+        # nodes, node 0's weights broadcast at the start)
+        coll = Collective.from_world(1 if scenario == "nodes" else int(os.environ["LOCAL_WORLD_SIZE"]))
         # bf16: one step (the gradients, their norm, one update): later steps compare bf16 noise compounded
         run(coll, scenario, steps=1 if scenario == "bf16" else 4)
     dist.barrier()

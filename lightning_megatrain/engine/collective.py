@@ -199,6 +199,19 @@ class Collective:
             dist.all_reduce(out, group=self.replicas)
         out.div_(self.world_size)
 
+    def broadcast_from_node0(self, t: torch.Tensor, device: torch.device) -> None:
+        """Node 0's values of a host tensor on every node (the replicas start equal, as DDP's broadcast
+        from rank 0 makes them); through ``device`` where the backend (NCCL) needs device tensors."""
+        if self.replicas is None or not t.numel():
+            return
+        src = dist.get_global_rank(self.replicas, 0)
+        if dist.get_backend(self.replicas) == "gloo":
+            dist.broadcast(t, src=src, group=self.replicas)
+            return
+        dev = t.to(device)
+        dist.broadcast(dev, src=src, group=self.replicas)
+        t.copy_(dev.cpu())
+
     def all_reduce(self, t: torch.Tensor, op: Any = None) -> torch.Tensor:
         """Over this node's ranks (shards); replicas hold the same values."""
         if self.size > 1:

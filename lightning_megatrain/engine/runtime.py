@@ -317,6 +317,13 @@ class Runtime:
             shard = shard_unit(unit.entries, unit.nbytes, coll.rank, coll.size, coll.chunk(unit.nbytes))
             self._shard[unit.index] = shard
             unit.own = shard.ranges
+            if coll.replicas is not None:
+                # every node starts from node 0's weights: each rank sends/receives what it owns
+                for e in unit.entries:
+                    a, b = shard.ranges.get(id(e), (0, 0))
+                    if b > a:
+                        coll.broadcast_from_node0(unit.store_view(e).view(-1)[a:b], self.device)
+                unit.refresh_compute(force=True)
             for e in unit.entries:
                 self._entry_of[id(e.param)] = (unit, e)
                 a, b = shard.ranges.get(id(e), (0, 0))
