@@ -15,7 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .layer_fn import LayerCall, LayerFunction, strip_caches
-from .host import HostArena
+from .host import HostArena, PinnedRange
 from .layers import LayerClasses, find_layers
 from .stepper import Worker, check_optimizer, default_host_threads, enable_fused, make_waiting, restore_class, snapshot_groups, split_params, step_unit
 from .state import LeanState
@@ -293,8 +293,9 @@ class Runtime:
         if coll.rank == 0:
             self._shm_files.append(path)
         # gradient staging is per rank (each receives its own shard): kept out of the shared arena
+        # pinned later, each rank only the image bytes it copies to its GPU (_share_units)
         return Unit(
-            name, index, entries, dtype, pin=pin, staging=False, module=module, shared=path, fill=coll.rank == 0,
+            name, index, entries, dtype, pin=False, staging=False, module=module, shared=path, fill=coll.rank == 0,
             image_bytes=coll.chunk(nbytes) * coll.size,
         )
 
@@ -311,12 +312,15 @@ class Runtime:
             os.unlink(path)
         self._shm_files = []
         self._staging: dict[int, HostArena] = {}
+        self._pinned: list[PinnedRange] = []
         self._shard_params: dict[int, _ShardParam] = {}
         self._entry_of: dict[int, tuple[Unit, Entry]] = {}
         for unit in self.units:
             shard = shard_unit(unit.entries, unit.nbytes, coll.rank, coll.size, coll.chunk(unit.nbytes))
             self._shard[unit.index] = shard
             unit.own = shard.ranges
+            if pin:
+                self._pinned.append(PinnedRange(unit.compute[shard.lo : shard.lo + shard.chunk]))
             if coll.replicas is not None:
                 # every node starts from node 0's weights: each rank sends/receives what it owns
                 for e in unit.entries:
@@ -1135,6 +1139,12 @@ class Runtime:
             unit.unbind()
             unit.detach()
         self.units = []
+        for pinned in getattr(self, "_pinned", []):
+            pinned.release()
+        self._pinned = []
+        for arena in getattr(self, "_staging", {}).values():
+            arena.release()
+        self._staging = {}
         for act in getattr(self, "_act_arenas", []):
             act.release()
         self._act_arenas = []
