@@ -517,6 +517,11 @@ class Runtime:
         self.wait()
 
     # ----------------------------------------------------------------- data parallel: what a rank owns
+    @property
+    def collective(self) -> Any:
+        """The data parallel groups (``engine.collective.Collective``), or None on one device."""
+        return self.coll
+
     def owned(self, param: torch.Tensor) -> tuple[int, int]:
         """The flat elements ``[lo, hi)`` of a module parameter this rank owns; ``(0, 0)`` if none. On one
         device every parameter is owned whole."""
