@@ -14,8 +14,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def launch(nproc: int, *scenarios: str, timeout: float = 240) -> str:
+def launch(nproc: int, *scenarios: str, timeout: float = 240, cuda: bool = False) -> str:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    if cuda:
+        env["MEGATRAIN_TEST_CUDA"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "tests" / "dp_engine_worker.py"), *scenarios]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -184,17 +184,11 @@ class Collective:
     # ------------------------------------------------------------------ collectives on device tensors
     def all_gather(self, out: torch.Tensor, shard: torch.Tensor) -> None:
         """``out`` (``size`` shards) from every rank's ``shard``, on the current stream's order."""
-        if self.size == 1:
-            out.copy_(shard)
-            return
-        dist.all_gather_into_tensor(out, shard, group=self.group)
+        dist.all_gather_into_tensor(out, shard, group=self.group)  # (also for one rank: one code path)
 
     def reduce_scatter(self, out: torch.Tensor, full: torch.Tensor) -> None:
         """This rank's shard of the sum over all ranks of ``full``, averaged over the world."""
-        if self.size == 1:
-            out.copy_(full)
-        else:
-            dist.reduce_scatter_tensor(out, full, group=self.group)
+        dist.reduce_scatter_tensor(out, full, group=self.group)
         if self.replicas is not None:
             dist.all_reduce(out, group=self.replicas)
         out.div_(self.world_size)
