@@ -82,7 +82,8 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             largest layer's gradients in the compute dtype); backward waits for the host only when all
             are still being accumulated.
         host_threads: intra-op threads of the host worker (optimizer step, gradient accumulation).
-            Default: all cores but one, so the thread that launches the GPU's kernels keeps a core.
+            Default: all cores but one, so the thread that launches the GPU's kernels keeps a core; with
+            several ranks per node, each rank takes its share of the cores less one.
     """
 
     strategy_name = "megatrain"

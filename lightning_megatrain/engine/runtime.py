@@ -164,7 +164,12 @@ class Runtime:
         self._shard: dict[int, Any] = {}  # data parallel: unit index -> UnitShard
         self._shm_files: list[str] = []
         self.streams = Streams(self.device)
-        self.worker = Worker(threads=config.host_threads if config.host_threads is not None else default_host_threads())
+        threads = config.host_threads
+        if threads is None:
+            # the node's cores are shared by its ranks: each worker takes its share, less the training thread
+            cores = default_host_threads() + 1
+            threads = max(1, cores // self.coll.size - 1) if self.coll is not None else cores - 1
+        self.worker = Worker(threads=threads)
         self.units: list[Unit] = []
         self._forwards: list[tuple[nn.Module, Any]] = []
         try:
