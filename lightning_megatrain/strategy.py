@@ -377,7 +377,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         states = checkpoint["optimizer_states"]
         for optimizer, state in zip(self.optimizers, states):
             check_optimizer_state(optimizer, state)
-        if getattr(self.runtime, "collective", None) is not None:
+        if self.runtime is not None and getattr(self.config, "collective", None) is not None:
             # data parallel: each rank takes the elements it owns (from Pieces or from full tensors)
             for optimizer, state in zip(self.optimizers, states):
                 self.runtime.load_shard_optimizer_state(optimizer, state)  # type: ignore[union-attr]
@@ -399,7 +399,7 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         if self.checkpoint_format == "single_file":
             super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
             return
-        collective = getattr(self.runtime, "collective", None)
+        collective = getattr(self.config, "collective", None) if self.runtime is not None else None
         if collective is not None:
             # data parallel: every rank writes its share into one directory (each rank holds only its
             # elements of the optimizer state); rank 0 writes the indexes and publishes it
