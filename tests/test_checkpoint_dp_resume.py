@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_megatrain import checkpoint as ck
 from models import BlockLM, data, trainer
@@ -24,18 +25,26 @@ ROOT = HERE.parent
 RTOL, ATOL = 1e-5, 1e-6  # float noise: a global batch summed in another order
 
 
-def _single(out: Path, ckpt_path: Any = None, checkpoints: Path | None = None) -> BlockLM:
+def _global_batches() -> DataLoader:
+    """One device's loader of the global batches 2 ranks get: Lightning gives each rank a shuffling
+    DistributedSampler (seed: the global seed, reshuffled every epoch) and rank r takes every 2nd sample of
+    the permutation, so the global batch of a step is the next 4 samples of that permutation."""
+    dataset = data().dataset
+    return DataLoader(dataset, batch_size=4, sampler=DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0))
+
+
+def _single(ckpt_path: Any = None, checkpoints: Path | None = None) -> BlockLM:
     L.seed_everything(0)
     model = BlockLM(dropout=0.0)
     cbs = [ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=6, save_top_k=-1, filename="{step}")] if checkpoints else []
-    trainer("megatrain", max_steps=12, enable_checkpointing=bool(checkpoints), callbacks=cbs).fit(model, data(batch_size=4), ckpt_path=ckpt_path)
+    trainer("megatrain", max_steps=12, enable_checkpointing=bool(checkpoints), callbacks=cbs).fit(model, _global_batches(), ckpt_path=ckpt_path)
     return model
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("dpresume")
-    single = _single(tmp, checkpoints=tmp / "single")  # one device, 12 steps, a checkpoint at step 6
+    single = _single(checkpoints=tmp / "single")  # one device, 12 steps, a checkpoint at step 6
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -77,7 +86,7 @@ def test_resume_at_the_same_world_size_is_exact(runs: dict[str, Any]) -> None:
 
 def test_resume_on_one_device_from_two_ranks(runs: dict[str, Any]) -> None:
     """2 -> 1: one device resumes the 2-rank checkpoint and trains as the 2 ranks went on to."""
-    model = _single(runs["dir"], ckpt_path=runs["dir"] / "dp" / "step=6.ckpt")
+    model = _single(ckpt_path=runs["dir"] / "dp" / "step=6.ckpt")
     full = runs["full"]
     assert len(model.losses) == 6
     torch.testing.assert_close(torch.tensor(model.losses), _global_losses(full)[6:], rtol=RTOL, atol=ATOL)
