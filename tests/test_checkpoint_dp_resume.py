@@ -77,11 +77,11 @@ def test_the_data_parallel_checkpoint_is_one_directory_written_by_both_ranks(run
 
 def test_resume_at_the_same_world_size_is_exact(runs: dict[str, Any]) -> None:
     """2 -> 2: the resumed steps and final weights are the uninterrupted run's, bit for bit, on every rank."""
-    for full, resumed in zip(runs["full"], runs["resumed"]):
-        assert len(resumed["losses"]) == 6 and resumed["losses"] == full["losses"][6:]
+    for rank, (full, resumed) in enumerate(zip(runs["full"], runs["resumed"])):
+        assert len(resumed["losses"]) == 6 and resumed["losses"] == full["losses"][6:], rank
         assert resumed["params"].keys() == full["params"].keys()
         for name, p in full["params"].items():
-            assert torch.equal(resumed["params"][name], p), name
+            assert torch.equal(resumed["params"][name], p), (rank, name)
 
 
 def test_resume_on_one_device_from_two_ranks(runs: dict[str, Any]) -> None:
@@ -100,5 +100,5 @@ def test_resume_on_two_ranks_from_one_device(runs: dict[str, Any]) -> None:
     assert all(len(r["losses"]) == 6 for r in resumed)
     torch.testing.assert_close(_global_losses(resumed), torch.tensor(single.losses[6:]), rtol=RTOL, atol=ATOL)
     for name, p in single.named_parameters():
-        for r in resumed:
-            torch.testing.assert_close(r["params"][name], p.detach(), rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+        for rank, r in enumerate(resumed):
+            torch.testing.assert_close(r["params"][name], p.detach(), rtol=RTOL, atol=ATOL, msg=lambda m, n=name, k=rank: f"rank {k}, {n}: {m}")
