@@ -9,6 +9,16 @@ A checkpoint is a directory::
     lightning_state.pt                     everything else Lightning saves (loops, callbacks, schedulers, ...)
     megatrain.json                         format and version
 
+Written by data-parallel training (:func:`save_sharded_distributed`), the same directory is written by
+every rank of node 0 at once: each model tensor whole by one rank (the same model files and index as
+above), and each rank's optimizer state, which covers only the flat element ranges of the parameters
+that rank owns, as 1-D pieces in its own files ``optimizer-r<rank>-<k>.safetensors`` named
+``<logical name>@<first element>``. The optimizer index then also has ``"pieces"``: for each logical
+tensor its shape, dtype and parts ``[[lo, hi, stored name], ...]`` (a 0-d tensor, Adam's ``step``, is
+stored whole under its logical name). Loading gives a :class:`Pieces` for such a tensor, from which any
+world size takes its own range (``slice``) or the whole tensor (``materialize``). Such checkpoints are
+version 2; single-device saves still write version 1, which every version reads.
+
 Tensors are streamed to disk from the memory they live in (no copy of the model is built), one
 shard file at a time, into a temporary directory beside the target that is renamed into place only
 when complete: a process killed mid-save leaves the previous checkpoint as it was. Temporary
@@ -40,7 +50,7 @@ import threading
 import uuid
 import weakref
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -49,7 +59,9 @@ import torch
 from torch import Tensor, nn
 
 FORMAT = "lightning-megatrain/sharded"
-VERSION = 1
+VERSION = 2  # the newest version this code reads; single-device saves write 1, data-parallel saves 2
+_VERSION_WHOLE = 1  # optimizer tensors stored whole (every reader since the first)
+_VERSION_PIECES = 2  # the optimizer index may hold "pieces" (optimizer state written in ranges by the ranks)
 MODEL_INDEX = "model.safetensors.index.json"
 OPTIMIZER_INDEX = "optimizer.safetensors.index.json"
 STATE_FILE = "lightning_state.pt"
@@ -565,7 +577,7 @@ class ShardedSave:
                 json.dump({"metadata": metadata, "weight_map": weight_map}, f, indent=1)
         (tmp / STATE_FILE).write_bytes(self._state_bytes)
         with open(tmp / META_FILE, "w") as f:
-            json.dump({"format": FORMAT, "version": VERSION}, f)
+            json.dump({"format": FORMAT, "version": _VERSION_WHOLE}, f)
         for name in (MODEL_INDEX, OPTIMIZER_INDEX, STATE_FILE, META_FILE):
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
@@ -615,6 +627,266 @@ def save_sharded(
 
     ``checksums=True`` records a CRC-32 of each shard file in the index, verified on load."""
     ShardedSave(checkpoint, path, shard_bytes, checksums=checksums, **groups).run()
+
+
+# ----------------------------------------------------------------------------- data parallel: every rank writes
+PIECES_KEY = "pieces"  # in the optimizer index: logical tensor -> {"shape", "dtype", "parts": [[lo, hi, stored name]]}
+
+
+def _assign_model(items: list[_Item], size: int) -> list[int]:
+    """Which rank of the node writes each model tensor (whole): contiguous runs of the state_dict, balanced
+    by bytes. Computed from the tensors' order and sizes alone, so every rank agrees without talking."""
+    total = sum(_nbytes(it.tensor) for it in items)
+    out, before = [], 0
+    for it in items:
+        n = _nbytes(it.tensor)
+        out.append(min(size - 1, (2 * before + n) * size // (2 * total)) if total else 0)
+        before += n
+    return out
+
+
+def _check_cover(logical: str, numel: int, parts: Sequence[Sequence[Any]]) -> str | None:
+    """What is wrong with ``parts`` ([lo, hi, ...] sorted by lo) as a cover of [0, numel), else None."""
+    at = 0
+    for lo, hi, *_ in parts:
+        if hi < lo:
+            return f"part [{lo}, {hi}) of {logical!r} is reversed"
+        if lo > at:
+            return f"no part of {logical!r} holds elements [{at}, {lo}) (of {numel})"
+        if lo < at:
+            return f"parts of {logical!r} overlap at elements [{lo}, {min(at, hi)})"
+        at = hi
+    if at != numel:
+        return f"the parts of {logical!r} end at element {at}, but it has {numel}" if at < numel else (
+            f"the parts of {logical!r} reach element {at}, but it has only {numel}"
+        )
+    return None
+
+
+class _RankFailed(Exception):
+    """Another rank's failure, as that rank reported it."""
+
+
+def _piece_items(
+    checkpoint: Mapping[str, Any], owned: Sequence[Sequence[tuple[int, int, Sequence[int]]]], rank: int
+) -> tuple[list[_Item], dict[str, list[Any]], list[str]]:
+    """This rank's optimizer tensors to write: 1-D pieces named ``<logical>@<lo>`` and the 0-d tensors of
+    the parameters whose first element it owns; the pieces' index entries; the names stored whole."""
+    items: list[_Item] = []
+    pieces: dict[str, list[Any]] = {}
+    whole: list[str] = []
+    for i, osd in enumerate(checkpoint.get("optimizer_states", [])):
+        for idx, pstate in osd.get("state", {}).items():
+            try:
+                lo, hi, shape = owned[i][idx]
+            except (IndexError, KeyError, TypeError):
+                raise ValueError(f"no owned range given for parameter {idx} of optimizer {i}") from None
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+            if not 0 <= lo <= hi <= numel:
+                raise ValueError(f"owned range [{lo}, {hi}) of parameter {idx} of optimizer {i} is not within its {numel} elements")
+            for key, v in pstate.items():
+                if not isinstance(v, Tensor):
+                    continue
+                name = f"optimizer_states.{i}.state.{idx}.{key}"  # the name _split gives it (the skeleton's reference)
+                if v.dim() == 0:
+                    if lo == 0 and hi > 0:
+                        items.append(_Item("optimizer", name, v, 0))
+                        whole.append(name)
+                elif v.dim() == 1 and v.numel() == hi - lo:
+                    if v.dtype not in _DTYPES:
+                        raise TypeError(f"cannot write tensor {name!r} of dtype {v.dtype} to safetensors")
+                    if hi > lo:
+                        stored = f"{name}@{lo}"
+                        items.append(_Item("optimizer", stored, v, 0))
+                        pieces[name] = [[int(d) for d in shape], _DTYPES[v.dtype], lo, hi, stored]
+                else:
+                    raise ValueError(
+                        f"optimizer state {name!r} on rank {rank} has shape {tuple(v.shape)}; in data parallel a rank's "
+                        f"state holds its elements [{lo}, {hi}) of the flattened parameter (1-D) or 0-d tensors"
+                    )
+    return items, pieces, whole
+
+
+def save_sharded_distributed(
+    checkpoint: Mapping[str, Any],
+    path: _PathLike,
+    owned: Sequence[Sequence[tuple[int, int, Sequence[int]]]],
+    local_rank: int,
+    local_size: int,
+    node: int = 0,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    checksums: bool = False,
+) -> None:
+    """Write one sharded checkpoint directory from every rank of a data-parallel job at once.
+
+    Every rank of the world calls it (it is a collective on the default process group). ``checkpoint``
+    is this rank's Lightning checkpoint dict whose ``optimizer_states`` hold only this rank's part: per
+    parameter, 1-D tensors of the elements [lo, hi) of the flattened state it owns and 0-d tensors whole;
+    ``owned[i][p]`` is ``(lo, hi, shape)`` of parameter ``p`` (in param_groups order) of optimizer ``i``.
+    Model tensors are full on every rank (node-shared memory): each is written whole by one rank of node 0.
+
+    Rank 0 makes the temporary directory; every rank of node 0 writes its files into it; rank 0 gathers
+    what each wrote (or its error), writes the indexes, ``lightning_state.pt`` and ``megatrain.json`` and
+    publishes the directory atomically. Ranks of other nodes (replicas) write nothing. If any rank fails,
+    nothing is published, the temporary directory is removed, and every rank raises the same
+    :class:`CheckpointWriteError` naming the rank and its error.
+    """
+    import torch.distributed as dist
+
+    if shard_bytes <= 0:
+        raise ValueError(f"shard size must be positive, got {shard_bytes}")
+    target = Path(path)
+    rank = dist.get_rank()
+    if rank == 0 and (node != 0 or local_rank != 0):
+        raise ValueError(f"rank 0 must be local rank 0 of node 0, got local rank {local_rank} of node {node}")
+    own_error: BaseException | None = None
+
+    def failure(err: BaseException) -> str:
+        return f"rank {rank} (local rank {local_rank} of node {node}): {type(err).__name__}: {err}"
+
+    # 1. rank 0 makes the temporary directory, beside the target, and tells every rank where it is
+    head: list[Any] = [None]
+    if rank == 0:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(target.parent)
+            tmp = _tmp_name(target)
+            tmp.mkdir()
+            head = [str(tmp)]
+        except OSError as err:
+            own_error = err
+            head = [{"error": failure(err)}]
+    dist.broadcast_object_list(head, src=0)
+    if isinstance(head[0], dict):
+        raise CheckpointWriteError(target, _RankFailed(head[0]["error"])) from own_error
+    tmp = Path(head[0])
+
+    # 2. every rank of node 0 writes its model tensors and its optimizer pieces
+    report: dict[str, Any] | None = None
+    skeleton: dict[str, Any] = {}
+    model_files: list[list[tuple[str, list[_Item]]]] = []
+    if node == 0:
+        streams: list[_ShardStream] = []
+        try:
+            skeleton, items = _split(checkpoint, {}, [])
+            model = [it for it in items if it.kind == "model"]
+            writer_of = _assign_model(model, local_size)
+            plans = [_plan([it for it, r in zip(model, writer_of) if r == q], shard_bytes) for q in range(local_size)]
+            count = sum(len(p) for p in plans)
+            numbers = iter(range(1, count + 1))
+            model_files = [[(f"model-{next(numbers):05d}-of-{count:05d}.safetensors", shard) for shard in p] for p in plans]
+            opt_items, pieces, whole = _piece_items(checkpoint, owned, rank)
+            opt_shards = _plan(opt_items, shard_bytes)
+            opt_files = [(f"optimizer-r{rank:05d}-{k + 1:05d}.safetensors", shard) for k, shard in enumerate(opt_shards)]
+            streams = [_ShardStream(tmp, model_files[local_rank], checksums), _ShardStream(tmp, opt_files, checksums)]
+            for stream, files in zip(streams, (model_files[local_rank], opt_files)):
+                for _, shard in files:
+                    for it in shard:
+                        stream.write(it)
+                stream.close()
+            report = {
+                "model_crc": streams[0].checksums,
+                "opt_map": {it.name: fname for fname, shard in opt_files for it in shard},
+                "opt_crc": streams[1].checksums,
+                "opt_bytes": sum(_nbytes(it.tensor) for it in opt_items),
+                "pieces": pieces,
+                "whole": whole,
+                "states": [osd["state"] for osd in skeleton.get("optimizer_states", [])],
+            }
+        except Exception as err:  # noqa: BLE001 - reported to rank 0, raised on every rank
+            own_error = err
+            report = {"error": failure(err)}
+            for stream in streams:
+                try:
+                    stream.close()
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    pass
+
+    # 3. rank 0 collects the reports, writes the indexes and the rest, and publishes
+    reports: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(report, reports, dst=0)
+    outcome: list[Any] = [None]
+    if rank == 0:
+        assert reports is not None
+        errors = [r["error"] for r in reports if isinstance(r, dict) and "error" in r]
+        try:
+            if errors:
+                raise _RankFailed("; ".join(errors))
+            _finish_distributed(tmp, [r for r in reports if r is not None], skeleton, model_files, checksums)
+            _publish(tmp, target)
+        except Exception as err:  # noqa: BLE001 - raised on every rank
+            shutil.rmtree(tmp, ignore_errors=True)
+            if own_error is None:
+                own_error = err
+            outcome = [str(err) if isinstance(err, _RankFailed) else failure(err)]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        # the same message on every rank; the local cause (if this rank failed) is chained
+        raise CheckpointWriteError(target, _RankFailed(outcome[0])) from own_error
+
+
+def _finish_distributed(
+    tmp: Path, reports: list[dict[str, Any]], skeleton: dict[str, Any], model_files: list[list[tuple[str, list[_Item]]]], checksums: bool
+) -> None:
+    """Rank 0's part of :func:`save_sharded_distributed` once every writer is done: the indexes (with every
+    rank's checksums and optimizer pieces, checked to cover each tensor once), the skeleton and the version."""
+    model_map = {it.name: fname for files in model_files for fname, shard in files for it in shard}
+    model_meta: dict[str, Any] = {"total_size": sum(_nbytes(it.tensor) for files in model_files for _, s in files for it in s), "format": FORMAT}
+    opt_map: dict[str, str] = {}
+    opt_meta: dict[str, Any] = {"total_size": sum(r["opt_bytes"] for r in reports), "format": FORMAT}
+    if checksums:
+        model_meta["crc32"] = {k: v for r in reports for k, v in r["model_crc"].items()}
+        opt_meta["crc32"] = {k: v for r in reports for k, v in r["opt_crc"].items()}
+    pieces: dict[str, dict[str, Any]] = {}
+    whole: set[str] = set()
+    states: list[dict[Any, dict[str, Any]]] = [{} for _ in skeleton.get("optimizer_states", [])]
+    for r in reports:
+        for name, fname in r["opt_map"].items():
+            if name in opt_map:
+                raise ValueError(f"optimizer tensor {name!r} was written by two ranks")
+            opt_map[name] = fname
+        whole.update(r["whole"])
+        for logical, (shape, dtype, lo, hi, stored) in r["pieces"].items():
+            entry = pieces.setdefault(logical, {"shape": shape, "dtype": dtype, "parts": []})
+            if entry["shape"] != shape or entry["dtype"] != dtype:
+                raise ValueError(f"ranks disagree on {logical!r}: shape {entry['shape']} {entry['dtype']} and {shape} {dtype}")
+            entry["parts"].append([lo, hi, stored])
+        for merged, state in zip(states, r["states"]):
+            for idx, pstate in state.items():
+                merged.setdefault(idx, {}).update(pstate)
+    for logical, entry in pieces.items():
+        entry["parts"].sort(key=lambda part: part[0])
+        numel = 1
+        for d in entry["shape"]:
+            numel *= d
+        problem = _check_cover(logical, numel, entry["parts"])
+        if problem:
+            raise ValueError(f"the ranks' optimizer state does not cover each element once: {problem}")
+    for i, merged in enumerate(states):
+        for idx, pstate in merged.items():
+            for key, v in pstate.items():
+                ref = v.name if isinstance(v, _Ref) else v["__megatrain_ref__"][1] if isinstance(v, dict) and "__megatrain_ref__" in v else None
+                if ref is not None:
+                    name = ref
+                    if name not in pieces and name not in whole:
+                        raise ValueError(f"no rank wrote optimizer tensor {name!r} (a 0-d state is written by the rank owning element 0)")
+    skeleton = dict(skeleton)
+    if "optimizer_states" in skeleton:
+        skeleton["optimizer_states"] = [
+            {**osd, "state": dict(sorted(merged.items()))} for osd, merged in zip(skeleton["optimizer_states"], states)
+        ]
+    with open(tmp / MODEL_INDEX, "w") as f:
+        json.dump({"metadata": model_meta, "weight_map": model_map}, f, indent=1)
+    with open(tmp / OPTIMIZER_INDEX, "w") as f:
+        json.dump({"metadata": opt_meta, "weight_map": opt_map, PIECES_KEY: pieces}, f, indent=1)
+    torch.save(skeleton, tmp / STATE_FILE)
+    with open(tmp / META_FILE, "w") as f:
+        json.dump({"format": FORMAT, "version": _VERSION_PIECES, "writers": len(reports)}, f)
+    for name in (MODEL_INDEX, OPTIMIZER_INDEX, STATE_FILE, META_FILE):
+        with open(tmp / name, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------- reading
@@ -741,6 +1013,109 @@ def read_index(directory: _PathLike, index: str, verify: bool = True) -> dict[st
     return {name: out[name] for name in weight_map}
 
 
+class Pieces:
+    """An optimizer state tensor that data-parallel ranks wrote as flat element ranges: its logical
+    ``shape`` and ``dtype`` and the memory-mapped parts ``(lo, hi, tensor)`` that cover ``[0, numel)``.
+
+    Nothing is read until asked: ``slice(lo, hi)`` copies the flat elements [lo, hi) (what one rank
+    owns at any world size), ``materialize()`` the whole tensor (a single-device resume, convert)."""
+
+    __slots__ = ("shape", "dtype", "parts")
+
+    def __init__(self, shape: Sequence[int], dtype: torch.dtype, parts: Sequence[tuple[int, int, Tensor]]) -> None:
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        self.parts = sorted(parts, key=lambda part: part[0])
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def size(self) -> torch.Size:
+        return self.shape
+
+    def slice(self, lo: int, hi: int) -> Tensor:
+        """The flat elements [lo, hi) in new memory (only the parts that hold them are read)."""
+        if not 0 <= lo <= hi <= self.numel():
+            raise IndexError(f"element range [{lo}, {hi}) is not within the {self.numel()} elements of this tensor")
+        out = torch.empty(hi - lo, dtype=self.dtype)
+        for a, b, t in self.parts:
+            start, end = max(a, lo), min(b, hi)
+            if start < end:
+                out[start - lo : end - lo].copy_(t[start - a : end - a])
+        return out
+
+    def materialize(self) -> Tensor:
+        """The whole tensor in new memory."""
+        return self.slice(0, self.numel()).reshape(self.shape)
+
+    def __repr__(self) -> str:
+        return f"Pieces(shape={tuple(self.shape)}, dtype={self.dtype}, parts={[(a, b) for a, b, _ in self.parts]})"
+
+
+def owned_slice(value: Union[Tensor, Pieces], lo: int, hi: int) -> Tensor:
+    """The flat elements [lo, hi) of a saved optimizer state tensor, in new memory: from the parts of a
+    :class:`Pieces` (a data-parallel save, any world size) or from a whole tensor (a single-device save)."""
+    if isinstance(value, Pieces):
+        return value.slice(lo, hi)
+    if not 0 <= lo <= hi <= value.numel():
+        raise IndexError(f"element range [{lo}, {hi}) is not within the {value.numel()} elements of this tensor")
+    return value.reshape(-1)[lo:hi].clone()
+
+
+def materialize(value: Any) -> Any:
+    """``value`` with every :class:`Pieces` in it replaced by its whole tensor."""
+    if isinstance(value, Pieces):
+        return value.materialize()
+    if isinstance(value, dict):
+        return {k: materialize(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [materialize(v) for v in value]
+    return value
+
+
+def _read_pieces(directory: Path, tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """The optimizer tensors by logical name: those stored in pieces become :class:`Pieces`, checked to
+    cover each tensor once with parts of the right dtype and size, else :class:`CheckpointCorruptError`."""
+    data = _read_json(directory, OPTIMIZER_INDEX)
+    table = data.get(PIECES_KEY) if isinstance(data, dict) else None
+    if table is None:
+        return tensors
+    weight_map = data["weight_map"]
+    if not isinstance(table, dict):
+        raise CheckpointCorruptError(directory, OPTIMIZER_INDEX, f"{PIECES_KEY!r} is not a JSON object")
+    out = dict(tensors)
+    for logical, entry in table.items():
+        try:
+            shape = [int(d) for d in entry["shape"]]
+            dtype = _FROM_NAME[entry["dtype"]]
+            parts = sorted(([int(lo), int(hi), str(name)] for lo, hi, name in entry["parts"]), key=lambda part: part[0])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointCorruptError(directory, OPTIMIZER_INDEX, f"bad {PIECES_KEY} entry for {logical!r}: {entry!r}") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        problem = _check_cover(logical, numel, parts)
+        if problem:
+            raise CheckpointCorruptError(directory, OPTIMIZER_INDEX, problem)
+        held = []
+        for lo, hi, name in parts:
+            if name not in tensors:
+                raise CheckpointCorruptError(directory, OPTIMIZER_INDEX, f"part {name!r} of {logical!r} is not in its weight_map")
+            t = tensors[name]
+            if t.dim() != 1 or t.numel() != hi - lo or t.dtype != dtype:
+                raise CheckpointCorruptError(
+                    directory, weight_map[name],
+                    f"part {name!r} of {logical!r} is {t.dtype} of shape {tuple(t.shape)}, the index says {dtype} [{lo}, {hi})",
+                )
+            held.append((lo, hi, t))
+            out.pop(name, None)
+        out[logical] = Pieces(shape, dtype, held)
+    return out
+
+
 def _resolve(obj: Any, tensors: Mapping[str, Mapping[str, Tensor]], path: Path) -> Any:
     if isinstance(obj, dict):
         if len(obj) == 1 and "__megatrain_ref__" in obj:
@@ -771,7 +1146,8 @@ def _load_state(path: Path, weights_only: Optional[bool]) -> Any:
 
 
 def load_sharded(path: _PathLike, weights_only: Optional[bool] = None) -> dict[str, Any]:
-    """The Lightning checkpoint dict of a sharded directory, with tensors memory-mapped from the shards.
+    """The Lightning checkpoint dict of a sharded directory, with tensors memory-mapped from the shards
+    (optimizer state written by data-parallel ranks as :class:`Pieces`: see :func:`materialize`).
 
     Every file is checked first (presence, headers, sizes, index entries, checksums if recorded): a
     damaged checkpoint raises :class:`CheckpointCorruptError` before anything is returned."""
@@ -783,7 +1159,7 @@ def load_sharded(path: _PathLike, weights_only: Optional[bool] = None) -> dict[s
         raise CheckpointCorruptError(path, META_FILE, f"not a {FORMAT} checkpoint description: {meta!r}")
     if meta.get("version", 0) > VERSION:
         raise ValueError(f"{path} is a {FORMAT} checkpoint of version {meta.get('version')}; this lightning-megatrain reads versions <= {VERSION}: upgrade it")
-    tensors = {"model": read_index(path, MODEL_INDEX), "optimizer": read_index(path, OPTIMIZER_INDEX)}
+    tensors = {"model": read_index(path, MODEL_INDEX), "optimizer": _read_pieces(path, read_index(path, OPTIMIZER_INDEX))}
     skeleton = _load_state(path, weights_only)
     return _resolve(skeleton, tensors, path)
 
@@ -833,7 +1209,7 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, 
                 problems.append(f"state for unknown parameter index {idx}")
                 continue
             for key, v in pstate.items():
-                if isinstance(v, Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(params[idx].shape):
+                if isinstance(v, (Tensor, Pieces)) and v.dim() > 0 and tuple(v.shape) != tuple(params[idx].shape):
                     problems.append(f"{key} of parameter {idx}: checkpoint {tuple(v.shape)}, parameter {tuple(params[idx].shape)}")
     if problems:
         shown = "\n  ".join(problems[:limit])
@@ -853,6 +1229,8 @@ def to_lightning_checkpoint(path: _PathLike, out: _PathLike) -> Path:
 
 
 def _materialize(obj: Any) -> Any:
+    if isinstance(obj, Pieces):
+        return obj.materialize()
     if isinstance(obj, Tensor):
         return obj.clone()
     if isinstance(obj, dict):

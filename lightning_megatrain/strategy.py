@@ -22,11 +22,13 @@ from .checkpoint import (
     DEFAULT_SHARD_BYTES,
     FROZEN_KEY,
     CheckpointMismatchError,
+    Pieces,
     weights_source,
     ShardedSave,
     check_optimizer_state,
     check_state_dict,
     load_sharded,
+    save_sharded_distributed,
 )
 from .checkpoint import remove_checkpoint as remove_checkpoint_dir
 from .engine import Runtime, RuntimeConfig, check_optimizer
@@ -376,9 +378,15 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         states = checkpoint["optimizer_states"]
         for optimizer, state in zip(self.optimizers, states):
             check_optimizer_state(optimizer, state)
+        if self.runtime is not None and getattr(self.config, "collective", None) is not None:
+            # data parallel: each rank takes the elements it owns (from Pieces or from full tensors)
+            for optimizer, state in zip(self.optimizers, states):
+                self.runtime.load_shard_optimizer_state(optimizer, state)  # type: ignore[union-attr]
+            return
         for optimizer, state in zip(self.optimizers, states):
-            # own memory for each state tensor (the shards are memory-mapped read-only files)
-            state = {**state, "state": {k: {n: v.clone() if isinstance(v, Tensor) else v for n, v in s.items()} for k, s in state["state"].items()}}
+            # own memory for each state tensor (the shards are memory-mapped read-only files); state that
+            # data-parallel ranks wrote in pieces is put together whole
+            state = {**state, "state": {k: {n: v.materialize() if isinstance(v, Pieces) else v.clone() if isinstance(v, Tensor) else v for n, v in s.items()} for k, s in state["state"].items()}}
             optimizer.load_state_dict(state)
             if self.runtime is not None:
                 self.runtime.refresh_fused(optimizer)
@@ -391,6 +399,20 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             checkpoint[FROZEN_KEY] = {"names": sorted(omit), "source": weights_source(self.lightning_module)}
         if self.checkpoint_format == "single_file":
             super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+            return
+        collective = getattr(self.config, "collective", None) if self.runtime is not None else None
+        if collective is not None:
+            # data parallel: every rank writes its share into one directory (each rank holds only its
+            # elements of the optimizer state); rank 0 writes the indexes and publishes it
+            runtime: Any = self.runtime
+            if "optimizer_states" in checkpoint:
+                checkpoint = {**checkpoint, "optimizer_states": [runtime.shard_optimizer_state(o) for o in self.optimizers]}
+            owned = [[(*runtime.owned(p), tuple(p.shape)) for g in o.param_groups for p in g["params"]] for o in self.optimizers]
+            runtime.sync_node("a checkpoint save")  # the other ranks' updates of the shared weights are done
+            save_sharded_distributed(
+                checkpoint, Path(filepath), owned, local_rank=collective.rank, local_size=collective.size, node=collective.node,
+                shard_bytes=self.checkpoint_shard_bytes, checksums=self.checkpoint_checksums,
+            )
             return
         if not self.is_global_zero:
             return

@@ -1,0 +1,57 @@
+"""Training runs of tests/test_checkpoint_dp_resume.py, data parallel on 2 CPU processes (gloo).
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ckpt_dp_resume_worker.py OUT SINGLE_CKPT
+
+In one launch, each rank (with 2 samples per rank per step, i.e. the same global batch of 4 as a single
+device with ``data(batch_size=4)``):
+
+- ``full``: trains 12 steps from scratch, saving checkpoints at steps 6 and 12 under ``OUT/dp``;
+- ``resumed``: resumes from ``OUT/dp/step=6.ckpt`` (written by these 2 ranks) and trains to step 12;
+- ``from_single``: resumes from SINGLE_CKPT (written by one device at step 6) and trains to step 12.
+
+and writes ``OUT/<run>-rank<r>.pt``: the losses of its micro-batches and the final parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/models.py
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+
+import lightning_megatrain  # noqa: E402,F401  (registers "megatrain")
+from lightning_megatrain import MegaTrainStrategy  # noqa: E402
+from models import BlockLM, data  # noqa: E402
+
+DEVICES = 2
+
+
+def fit(name: str, out: Path, ckpt_path: Any = None, checkpoints: Path | None = None) -> None:
+    L.seed_everything(0)
+    model = BlockLM(dropout=0.0)
+    callbacks = [ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=6, save_top_k=-1, filename="{step}")] if checkpoints else []
+    trainer = L.Trainer(
+        strategy=MegaTrainStrategy(), accelerator="cpu", devices=DEVICES, max_steps=12, logger=False,
+        enable_checkpointing=bool(checkpoints), callbacks=callbacks, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    trainer.fit(model, data(batch_size=4 // DEVICES), ckpt_path=ckpt_path)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    torch.save({"losses": model.losses, "params": params}, out / f"{name}-rank{trainer.global_rank}.pt")
+
+
+def main(out: str, single: str) -> None:
+    root = Path(out)
+    fit("full", root, checkpoints=root / "dp")
+    fit("resumed", root, ckpt_path=root / "dp" / "step=6.ckpt")
+    fit("from_single", root, ckpt_path=single)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,104 @@
+"""Resuming data-parallel training from its checkpoints, end to end with the engine: at the same world
+size exactly (2 -> 2), and at another one (2 -> 1, 1 -> 2) to float noise, against uninterrupted runs with
+the same global batch. The 2-process runs are in ckpt_dp_resume_worker.py (one torchrun launch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_megatrain import checkpoint as ck
+from models import BlockLM, data, trainer
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+RTOL, ATOL = 1e-5, 1e-6  # float noise: a global batch summed in another order
+
+
+def _global_batches() -> DataLoader:
+    """One device's loader of the global batches 2 ranks get: Lightning gives each rank a shuffling
+    DistributedSampler (seed: the global seed, reshuffled every epoch) and rank r takes every 2nd sample of
+    the permutation, so the global batch of a step is the next 4 samples of that permutation."""
+    dataset = data().dataset
+    return DataLoader(dataset, batch_size=4, sampler=DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0))
+
+
+def _single(ckpt_path: Any = None, checkpoints: Path | None = None) -> BlockLM:
+    L.seed_everything(0)
+    model = BlockLM(dropout=0.0)
+    cbs = [ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=6, save_top_k=-1, filename="{step}")] if checkpoints else []
+    trainer("megatrain", max_steps=12, enable_checkpointing=bool(checkpoints), callbacks=cbs).fit(model, _global_batches(), ckpt_path=ckpt_path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("dpresume")
+    single = _single(checkpoints=tmp / "single")  # one device, 12 steps, a checkpoint at step 6
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(HERE / "ckpt_dp_resume_worker.py"), str(tmp), str(tmp / "single" / "step=6.ckpt"),
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"the 2-process runs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    out = {name: [torch.load(tmp / f"{name}-rank{r}.pt", weights_only=False) for r in range(2)] for name in ("full", "resumed", "from_single")}
+    out["single"] = single
+    out["dir"] = tmp
+    return out
+
+
+def _global_losses(ranks: list[dict[str, Any]]) -> torch.Tensor:
+    """Each step's loss over the global batch: the mean of the ranks' (equal-sized) micro-batch losses."""
+    return torch.tensor([r["losses"] for r in ranks]).mean(0)
+
+
+def test_the_data_parallel_checkpoint_is_one_directory_written_by_both_ranks(runs: dict[str, Any]) -> None:
+    d = runs["dir"] / "dp" / "step=6.ckpt"
+    assert ck.is_sharded_checkpoint(d)
+    assert json.loads((d / ck.META_FILE).read_text()) == {"format": ck.FORMAT, "version": 2, "writers": 2}
+    assert sorted(p.name for p in d.glob("optimizer-*.safetensors")) == ["optimizer-r00000-00001.safetensors", "optimizer-r00001-00001.safetensors"]
+    state = ck.load_sharded(d)
+    params = dict(runs["single"].named_parameters())
+    for idx, pstate in state["optimizer_states"][0]["state"].items():
+        assert isinstance(pstate["exp_avg"], ck.Pieces)  # no rank held a whole tensor
+        assert pstate["exp_avg"].numel() == list(params.values())[idx].numel()
+
+
+def test_resume_at_the_same_world_size_is_exact(runs: dict[str, Any]) -> None:
+    """2 -> 2: the resumed steps and final weights are the uninterrupted run's, bit for bit, on every rank."""
+    for rank, (full, resumed) in enumerate(zip(runs["full"], runs["resumed"])):
+        assert len(resumed["losses"]) == 6 and resumed["losses"] == full["losses"][6:], rank
+        assert resumed["params"].keys() == full["params"].keys()
+        for name, p in full["params"].items():
+            assert torch.equal(resumed["params"][name], p), (rank, name)
+
+
+def test_resume_on_one_device_from_two_ranks(runs: dict[str, Any]) -> None:
+    """2 -> 1: one device resumes the 2-rank checkpoint and trains as the 2 ranks went on to."""
+    model = _single(ckpt_path=runs["dir"] / "dp" / "step=6.ckpt")
+    full = runs["full"]
+    assert len(model.losses) == 6
+    torch.testing.assert_close(torch.tensor(model.losses), _global_losses(full)[6:], rtol=RTOL, atol=ATOL)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), full[0]["params"][name], rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_resume_on_two_ranks_from_one_device(runs: dict[str, Any]) -> None:
+    """1 -> 2: two ranks resume the single-device checkpoint and train as the single device went on to."""
+    single, resumed = runs["single"], runs["from_single"]
+    assert all(len(r["losses"]) == 6 for r in resumed)
+    torch.testing.assert_close(_global_losses(resumed), torch.tensor(single.losses[6:]), rtol=RTOL, atol=ATOL)
+    for name, p in single.named_parameters():
+        for rank, r in enumerate(resumed):
+            torch.testing.assert_close(r["params"][name], p.detach(), rtol=RTOL, atol=ATOL, msg=lambda m, n=name, k=rank: f"rank {k}, {n}: {m}")
