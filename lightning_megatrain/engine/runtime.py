@@ -1117,6 +1117,10 @@ class Runtime:
         if worker is not None:
             try:
                 worker.wait()
+                if getattr(self, "coll", None) is not None and self.units:
+                    # the parameters stay views of the shared memory: the other ranks' last updates
+                    # must be in it before anyone reads them after training
+                    self._wait_node()
             except Exception:  # noqa: BLE001 - teardown after a failure must still free everything
                 pass
             worker.close()
