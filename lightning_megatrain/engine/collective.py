@@ -103,6 +103,9 @@ class NodeBoard:
         self.table[self.rank, col] = value
         self.wait_all("arrive", value, timeout_s, what)
 
+    def failed(self, rank: int) -> bool:
+        return bool(int(self.table[rank, 3]))
+
     def mark_failed(self) -> None:
         self.table[self.rank, 3] = 1
 

@@ -1117,7 +1117,8 @@ class Runtime:
         if worker is not None:
             try:
                 worker.wait()
-                if getattr(self, "coll", None) is not None and self.units:
+                coll = getattr(self, "coll", None)
+                if coll is not None and self.units and not coll.board.failed(coll.rank):
                     # the parameters stay views of the shared memory: the other ranks' last updates
                     # must be in it before anyone reads them after training
                     self._wait_node()
