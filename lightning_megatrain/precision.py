@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import lightning.pytorch as pl
 import torch
@@ -58,6 +58,25 @@ class MegaTrainPrecision(Precision):
                 yield
         else:
             yield
+
+    # In data parallel the gradients are views of node-shared memory that every rank of the node sees:
+    # clipping them in place on each rank would scale them once per rank. The runtime clips with the
+    # global norm (all-reduce of the shards' norms) and each rank scales only the elements it owns.
+    def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        collective = getattr(self.runtime, "collective", None)
+        if collective is None:
+            super().clip_grad_by_norm(optimizer, clip_val)
+            return
+        assert self.runtime is not None
+        self.runtime.clip_grad_norm_(list(self.main_params(optimizer)), clip_val)
+
+    def clip_grad_by_value(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        collective = getattr(self.runtime, "collective", None)
+        if collective is None:
+            super().clip_grad_by_value(optimizer, clip_val)
+            return
+        assert self.runtime is not None
+        self.runtime.clip_grad_value_(list(self.main_params(optimizer)), clip_val)
 
     def optimizer_step(  # type: ignore[override]
         self, optimizer: Optimizer, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any
