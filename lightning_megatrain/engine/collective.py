@@ -196,3 +196,56 @@ class Collective:
         if self.size > 1:
             dist.all_reduce(t, op=op if op is not None else dist.ReduceOp.SUM, group=self.group)
         return t
+
+
+@dataclass
+class UnitShard:
+    """Which part of one unit a rank owns, and where every rank's gradients go in the padded layout.
+
+    Rank ``s`` owns image bytes ``[s*chunk, (s+1)*chunk)``, hence a contiguous element range of each
+    parameter (``ranges``) and a contiguous range ``[gstarts[s], gstarts[s+1])`` of the unit's
+    trainable elements (gradients are packed in entry order, like the image). Reduce-scatter needs
+    equal pieces: on the device, rank ``s``'s gradient elements are placed at ``s*gchunk`` (``pack``).
+    """
+
+    chunk: int
+    lo: int  # this rank's image bytes [lo, lo + chunk)
+    ranges: dict[int, tuple[int, int]]  # id(entry) -> this rank's elements [a, b) (owned entries only)
+    gstarts: list[int]
+    gchunk: int
+    pack: list[tuple[Any, int, int, int]]  # (entry, a, b, dst): trainable elements [a, b) go to padded dst
+
+    @property
+    def glo(self) -> int:
+        return self.gstarts[self.rank]
+
+    @property
+    def gnumel(self) -> int:
+        """Gradient elements this rank owns."""
+        return self.gstarts[self.rank + 1] - self.gstarts[self.rank]
+
+    rank: int = 0
+
+
+def shard_unit(entries: list[Any], nbytes: int, rank: int, size: int, chunk: int) -> UnitShard:
+    """The ownership of one unit (entries with ``boffset``, ``stream_dtype``, ``numel``, ``goffset``)."""
+
+    def start(e: Any, s: int) -> int:  # first element of entry e at or after rank s's first byte
+        k = e.stream_dtype.itemsize
+        return min(max(-(-(s * chunk - e.boffset) // k), 0), e.numel)
+
+    ranges = {}
+    for e in entries:
+        a, b = start(e, rank), start(e, rank + 1)
+        if b > a:
+            ranges[id(e)] = (a, b)
+    trainable = [e for e in entries if e.goffset is not None]
+    gstarts = [sum(start(e, s) for e in trainable) for s in range(size + 1)]
+    gchunk = max((gstarts[s + 1] - gstarts[s] for s in range(size)), default=0)
+    pack = []
+    for e in trainable:
+        for s in range(size):
+            a, b = start(e, s), start(e, s + 1)
+            if b > a:
+                pack.append((e, a, b, s * gchunk + e.goffset + a - gstarts[s]))
+    return UnitShard(chunk, rank * chunk, ranges, gstarts, gchunk, pack, rank)

@@ -28,13 +28,18 @@ def _dtype_size(dtype: torch.dtype) -> int:
 class HostArena:
     """One host allocation holding several flat typed buffers, each starting on a page boundary."""
 
-    def __init__(self, layout: Sequence[tuple[int, torch.dtype]], pin: bool) -> None:
+    def __init__(self, layout: Sequence[tuple[int, torch.dtype]], pin: bool, shared: str | None = None) -> None:
         offsets, total = [], 0
         for numel, dtype in layout:
             offsets.append(total)
             total += _align(numel * _dtype_size(dtype))
         self.nbytes = total
-        raw = torch.empty(total + PAGE, dtype=torch.uint8)
+        if shared is not None:
+            # a file in node-shared memory that every rank of the node maps (data parallel): created
+            # zero-filled by the first rank to open it; mappings start on a page
+            raw = torch.from_file(shared, shared=True, size=max(total, 1), dtype=torch.uint8)
+        else:
+            raw = torch.empty(total + PAGE, dtype=torch.uint8)
         start = (-raw.data_ptr()) % PAGE
         self._raw: torch.Tensor | None = raw
         base = raw[start : start + total]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -57,12 +58,24 @@ class _OuterCopy:
     unit: Unit
     side: str  # "input" (embeddings: stepped first, needed first) or "output" (final norm, head)
     dev: torch.Tensor | None = None  # the image on the device (bytes); the leaves view it
+    shard: torch.Tensor | None = None  # data parallel: this rank's part of the image, gathered into dev
     ready: Any = None  # H2D into dev done
     free: Any = None  # the compute stream is done reading dev
     issued: int | None = None  # unit version the last copy was issued from
     leaves: list[nn.Parameter] | None = None  # bound leaves, valid while ``issued`` matches the unit
     bindings: list[list[nn.Parameter]] = field(default_factory=list)  # leaves bound this step
     fired: set[int] = field(default_factory=set)  # leaves whose gradient is final in this backward
+
+
+@dataclass
+class _ShardParam:
+    """Data parallel: the elements ``[a, b)`` of one parameter this rank owns, as a parameter of their
+    own (a view of the shared master) that the optimizer steps, with its own optimizer state."""
+
+    param: nn.Parameter
+    entry: Entry
+    a: int
+    b: int
 
 
 @dataclass
@@ -81,6 +94,7 @@ class RuntimeConfig:
     host_memory: str = "fast"
     grad_channels: int = 2  # layers' gradients in flight to the host before backward waits for the host
     host_threads: int | None = None  # intra-op threads of the host worker; None: all cores but one
+    collective: Any = None  # data parallel: an ``engine.collective.Collective``; None: one device
 
 
 def _size_class(nbytes: int) -> int:
@@ -146,6 +160,9 @@ class Runtime:
         if before_alloc is not None:
             before_alloc(self.layers)
         pin = config.pin_memory and self.device.type == "cuda"
+        self.coll = config.collective
+        self._shard: dict[int, Any] = {}  # data parallel: unit index -> UnitShard
+        self._shm_files: list[str] = []
         self.streams = Streams(self.device)
         self.worker = Worker(threads=config.host_threads if config.host_threads is not None else default_host_threads())
         self.units: list[Unit] = []
@@ -158,13 +175,17 @@ class Runtime:
             # the input side first (the next forward needs it first), the output side last.
             # They stream their fp32 masters (frozen ones as stored): embeddings, norms and head compute in
             # fp32 as in plain mixed precision, and they cross once per optimizer step, not per micro-batch.
-            self.outer_in = Unit("outer_in", 0, inputs, torch.float32, pin=pin, staging=True)
+            if self.coll is not None and self.coll.rank != 0:
+                self.coll.barrier()  # the node's first rank fills the shared arenas first
+            self.outer_in = self._unit("outer_in", 0, inputs, torch.float32, pin=pin, staging=True)
             self.units.append(self.outer_in)
             for i, layer in enumerate(self.layers):
                 entries = collect_entries([("", layer)], exclude=set(), grads=config.grads)
-                self.units.append(Unit(f"layer{i}", i + 1, entries, self.compute_dtype, pin=pin, staging=False, module=layer))
-            self.outer_out = Unit("outer_out", len(self.layers) + 1, outputs, torch.float32, pin=pin, staging=True)
+                self.units.append(self._unit(f"layer{i}", i + 1, entries, self.compute_dtype, pin=pin, staging=False, module=layer))
+            self.outer_out = self._unit("outer_out", len(self.layers) + 1, outputs, torch.float32, pin=pin, staging=True)
             self.units.append(self.outer_out)
+            if self.coll is not None:
+                self._share_units(pin)
             self.layer_units = self.units[1:-1]
             self._outer = {
                 self.outer_in.index: self._outer_copy(self.outer_in, "input"),
@@ -251,8 +272,63 @@ class Runtime:
     def _outer_copy(self, unit: Unit, side: str) -> _OuterCopy:
         out = _OuterCopy(unit, side, ready=self.streams.event(), free=self.streams.event())
         if unit.numel:
-            out.dev = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+            shard = self._shard.get(unit.index)
+            if shard is None:
+                out.dev = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+            else:
+                out.dev = torch.empty(shard.chunk * self.coll.size, dtype=torch.uint8, device=self.device)
+                out.shard = torch.empty(shard.chunk, dtype=torch.uint8, device=self.device)
         return out
+
+    # ----------------------------------------------------------------- data parallel: shared units
+    def _unit(self, name: str, index: int, entries: list[Entry], dtype: torch.dtype, pin: bool, staging: bool, module: nn.Module | None = None) -> Unit:
+        coll = self.coll
+        if coll is None:
+            return Unit(name, index, entries, dtype, pin=pin, staging=staging, module=module)
+        from .units import image_layout, stream_dtypes
+
+        dtypes = stream_dtypes([e.param for e in entries], [e.goffset is not None for e in entries], dtype)
+        nbytes = image_layout(dtypes, [e.numel for e in entries])[1]
+        path = coll.shm_path(name)
+        if coll.rank == 0:
+            self._shm_files.append(path)
+        # gradient staging is per rank (each receives its own shard): kept out of the shared arena
+        return Unit(
+            name, index, entries, dtype, pin=pin, staging=False, module=module, shared=path, fill=coll.rank == 0,
+            image_bytes=coll.chunk(nbytes) * coll.size,
+        )
+
+    def _share_units(self, pin: bool) -> None:
+        """After every rank of the node has mapped the shared arenas: remove their files (the mappings
+        stay; nothing is left behind whatever happens next), and work out what this rank owns."""
+        from .collective import shard_unit
+
+        coll = self.coll
+        if coll.rank == 0:
+            coll.barrier()  # filled: the other ranks map them now
+        coll.barrier()  # every rank has mapped them
+        for path in self._shm_files:
+            os.unlink(path)
+        self._shm_files = []
+        self._staging: dict[int, HostArena] = {}
+        self._shard_params: dict[int, _ShardParam] = {}
+        self._entry_of: dict[int, tuple[Unit, Entry]] = {}
+        for unit in self.units:
+            shard = shard_unit(unit.entries, unit.nbytes, coll.rank, coll.size, coll.chunk(unit.nbytes))
+            self._shard[unit.index] = shard
+            unit.own = shard.ranges
+            for e in unit.entries:
+                self._entry_of[id(e.param)] = (unit, e)
+                a, b = shard.ranges.get(id(e), (0, 0))
+                if e.goffset is not None and b > a:
+                    sp = nn.Parameter(unit.store_view(e).view(-1)[a:b])
+                    self._shard_params[id(e.param)] = _ShardParam(sp, e, a, b)
+            if unit.staging is None and unit in (self.outer_in, self.outer_out) and shard.gchunk:
+                self._staging[unit.index] = HostArena([(shard.gchunk, torch.float32)], pin=pin)
+        self._shard_by_piece = {id(sp.param): sp for sp in self._shard_params.values()}
+        self._steps = 0  # optimizer steps launched; the node's board says how many each rank finished
+        self._backwards = 0
+        self._shard_states: dict[int, Any] = {}
 
     def _check_sharing(self) -> None:
         seen: dict[int, int] = {}
@@ -291,15 +367,28 @@ class Runtime:
     def _make_device_buffers(self, pin: bool) -> None:
         nbytes = max((u.nbytes for u in self.layer_units), default=0)
         gnumel = max((u.gnumel for u in self.layer_units), default=0)
+        host_gnumel = gnumel
+        shards = [self._shard[u.index] for u in self.layer_units] if self.coll is not None else []
+        if shards:
+            # data parallel: a slot holds the gathered (padded) image; each rank receives its gradient shard
+            nbytes = max(sh.chunk for sh in shards) * self.coll.size
+            gnumel = max(sh.gchunk for sh in shards) * self.coll.size
+            host_gnumel = max(sh.gchunk for sh in shards)
         n_slots = self.config.prefetch + 1
         # a slot is a byte buffer laid out as the units' images (tensors of several dtypes)
         self.slots = SlotPool(n_slots if nbytes else 0, nbytes, torch.uint8, self.streams)
+        if shards:
+            for slot in self.slots.slots:
+                slot.shard = torch.empty(nbytes // self.coll.size, dtype=torch.uint8, device=self.device)
         channels = []
         if gnumel:
-            self._channel_arena = HostArena([(gnumel, self.compute_dtype)] * self.config.grad_channels, pin=pin)
+            self._channel_arena = HostArena([(host_gnumel, self.compute_dtype)] * self.config.grad_channels, pin=pin)
             for host in self._channel_arena.buffers:
                 dev = torch.empty(gnumel, dtype=self.compute_dtype, device=self.device)
-                channels.append(GradChannel(dev, host, self.streams))
+                channel = GradChannel(dev, host, self.streams)
+                if shards:
+                    channel.rs = torch.empty(host_gnumel, dtype=self.compute_dtype, device=self.device)
+                channels.append(channel)
         self.channels = ChannelPool(channels)
 
     def _wrap(self, layer: nn.Module, unit: Unit) -> None:
@@ -341,6 +430,11 @@ class Runtime:
         self.worker.check()  # a failed host task stops training here rather than after the next forward
         hparams = snapshot_groups(optimizer)
         per_unit = split_params(optimizer, self._owner, len(self.units))
+        state = None
+        if self.coll is not None:
+            # data parallel: each rank steps the elements it owns, with its own optimizer state for them
+            per_unit = [[[self._shard_params[id(p)].param for p in ps if id(p) in self._shard_params] for ps in groups] for groups in per_unit]
+            state = self._shard_state(optimizer)
         self.slots.invalidate()
         pending = self.streams.record_all()
         if pending:
@@ -367,26 +461,164 @@ class Runtime:
                     for piece in self.lean.chunks(params):
                         with self.lean.widened(optimizer, [p for ps in piece for p in ps]):
                             step_unit(optimizer, hparams, piece, kwargs)
+                elif state is not None:
+                    self._shard_grads(params)
+                    step_unit(optimizer, hparams, params, kwargs, state=state)
                 else:
                     step_unit(optimizer, hparams, params, kwargs)
                 # fused optimizers update in place without bumping tensor versions: re-cast regardless
                 unit.refresh_compute(force=True)
                 self._stats.optimizer_s += time.perf_counter() - start
                 outer = self._outer.get(unit.index)
-                if outer is not None and self.streams.cuda:
+                if outer is not None and self.streams.cuda and self.coll is None:  # (a collective: main thread only)
                     # prefetch: on its way to the device while the host steps the following units
                     with torch.cuda.device(self.device):
                         self._issue_outer(outer)
 
             unit.ticket = self.worker.submit(task)
+        if self.coll is not None:
+            self._steps += 1
+            board, steps = self.coll.board, self._steps
+            self.worker.submit(lambda: board.publish("step", steps))
         optimizer._opt_called = True  # type: ignore[attr-defined]  # LR schedulers check that step ran
         if self._bound:
             self._unbind_outer()
             self._stale = True
 
     def wait(self) -> None:
-        """Block until all host work (gradients, optimizer step) is done."""
+        """Block until all host work (gradients, optimizer step) is done; in data parallel, also that of
+        the node's other ranks (what they own of the shared parameters and gradients)."""
         self.worker.wait()
+        if self.coll is not None and self.units:
+            self._wait_node()
+
+    def _wait_node(self) -> None:
+        coll = self.coll
+        coll.board.wait_all("backward", self._backwards, coll.timeout_s, "its share of the gradients")
+        coll.board.wait_all("step", self._steps, coll.timeout_s, "its share of the optimizer step")
+
+    def sync_node(self, what: str = "") -> None:
+        """Wait until every rank of the node has finished its pending host work (not a collective)."""
+        self.wait()
+
+    # ----------------------------------------------------------------- data parallel: what a rank owns
+    def owned(self, param: torch.Tensor) -> tuple[int, int]:
+        """The flat elements ``[lo, hi)`` of a module parameter this rank owns; ``(0, 0)`` if none. On one
+        device every parameter is owned whole."""
+        if self.coll is None:
+            return (0, param.numel())
+        found = self._entry_of.get(id(param))
+        if found is None:
+            return (0, 0)
+        unit, e = found
+        return unit.own.get(id(e), (0, 0))
+
+    def _shard_state(self, optimizer: Optimizer) -> Any:
+        from collections import defaultdict
+
+        return self._shard_states.setdefault(id(optimizer), defaultdict(dict))
+
+    def _shard_grads(self, params: list[list[torch.Tensor]]) -> None:
+        """Point each owned piece's ``.grad`` at its part of the parameter's (shared) gradient."""
+        by_param = self._shard_by_piece
+        for group in params:
+            for p in group:
+                sp = by_param[id(p)]
+                g = sp.entry.param.grad
+                p.grad = None if g is None else g.view(-1)[sp.a : sp.b]
+
+    def _owned_grads(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for p in params:
+            sp = self._shard_params.get(id(p))
+            if sp is not None and p.grad is not None:
+                out.append(p.grad.view(-1)[sp.a : sp.b])
+        return out
+
+    def clip_grad_norm_(self, params: Sequence[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the whole model, each rank scaling the elements it owns
+        (the gradients are shared: scaling them whole on every rank would scale them N times)."""
+        import torch.distributed as dist
+
+        self.wait()
+        norm_type = float(norm_type)
+        grads = self._owned_grads(list(params))
+        inf = norm_type == float("inf")
+        if grads:
+            norms = torch.stack([torch.linalg.vector_norm(g, norm_type) for g in grads])
+            local = norms.max() if inf else norms.pow(norm_type).sum()
+        else:
+            local = torch.zeros(())
+        total = local.to(torch.float32).reshape(1).to(self.device)
+        self.coll.all_reduce(total, dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM)
+        total = total[0].cpu()
+        if not inf:
+            total = total.pow(1.0 / norm_type)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        with torch.no_grad():
+            for g in grads:
+                g.mul_(coef)
+        self.wait()  # every rank has clipped its part before anyone reads the whole
+        return total
+
+    def clip_grad_value_(self, params: Sequence[torch.Tensor], clip_value: float) -> None:
+        """``torch.nn.utils.clip_grad_value_``, each rank clamping the elements it owns."""
+        self.wait()
+        with torch.no_grad():
+            for g in self._owned_grads(list(params)):
+                g.clamp_(-clip_value, clip_value)
+
+    def shard_optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """``optimizer.state_dict()`` of what this rank holds: per parameter (indexed as the optimizer's
+        own ``state_dict`` does), flat state tensors hold the elements :meth:`owned` names; 0-d ones
+        (Adam's ``step``) are whole. Parameters this rank owns nothing of are absent."""
+        self.wait()
+        state = self._shard_state(optimizer)
+        out_state: dict[int, dict[str, Any]] = {}
+        groups = []
+        index = 0
+        for group in optimizer.param_groups:
+            ids = []
+            for p in group["params"]:
+                sp = self._shard_params.get(id(p))
+                if sp is not None and sp.param in state:
+                    out_state[index] = dict(state[sp.param])
+                ids.append(index)
+                index += 1
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+        return {"state": out_state, "param_groups": groups}
+
+    def load_shard_optimizer_state(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+        """Restore from a state dict whose per-parameter tensors are whole (a single-device checkpoint),
+        or anything with ``.slice(lo, hi)`` (a checkpoint written by several ranks): this rank takes the
+        elements it owns."""
+        self.wait()
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(optimizer.param_groups):
+            raise ValueError(f"the optimizer state has {len(saved_groups)} parameter groups, the optimizer {len(optimizer.param_groups)}")
+        for group, saved in zip(optimizer.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        state = self._shard_state(optimizer)
+        state.clear()
+        for key, values in state_dict["state"].items():
+            p = params[int(key)]
+            sp = self._shard_params.get(id(p))
+            if sp is None:
+                continue
+            held = {}
+            for name, v in values.items():
+                if hasattr(v, "slice") and not isinstance(v, torch.Tensor):
+                    held[name] = v.slice(sp.a, sp.b).to(torch.float32 if v.dtype.is_floating_point else v.dtype).clone()
+                elif isinstance(v, torch.Tensor) and v.dim() > 0:
+                    if v.numel() != p.numel():
+                        raise ValueError(f"optimizer state {name!r} of parameter {int(key)} has {v.numel()} elements, the parameter {p.numel()}")
+                    held[name] = v.reshape(-1)[sp.a : sp.b].clone()
+                elif isinstance(v, torch.Tensor):
+                    held[name] = v.clone()
+                else:
+                    held[name] = v
+            state[sp.param] = held
 
     def stats(self, reset: bool = True) -> Stats:
         """Transfer and host-time counters since the last call (the device stall time of copies that
@@ -460,7 +692,10 @@ class Runtime:
         unit.refresh_compute()
         streams = self.streams
         streams.wait(streams.h2d, outer.free)
-        streams.copy(streams.h2d, outer.dev, unit.compute)
+        if outer.shard is not None:
+            self._gather(outer.dev, outer.shard, unit, self._shard[unit.index])
+        else:
+            streams.copy(streams.h2d, outer.dev, unit.compute)
         outer.ready.record(streams.h2d)
         outer.issued = unit._version()
         self._stats.h2d_bytes += outer.dev.numel()
@@ -521,6 +756,11 @@ class Runtime:
             outer.fired = set()
             self._flush_outer(outer)
         self.worker.wait()
+        if self.coll is not None:
+            # every rank of the node has added its part: the shared gradients are whole
+            self._backwards += 1
+            self.coll.board.publish("backward", self._backwards)
+            self._wait_node()
         if self._bound:
             self._unbind_outer()
             self._stale = True
@@ -543,9 +783,30 @@ class Runtime:
                 leaf.grad = None
                 produced[i] = True
         if packed is not None:
+            if self.coll is not None:
+                shard = self._shard[unit.index]
+                padded = torch.zeros(shard.gchunk * self.coll.size, dtype=packed.dtype, device=self.device)
+                for e, a, b, dst in shard.pack:
+                    padded[dst : dst + b - a].copy_(packed[e.goffset + a : e.goffset + b])
+                self._send(unit, padded, self._staging[unit.index].buffers[0], produced, release=None)
+                return
             if unit.staging.dtype != packed.dtype:
                 packed = packed.to(unit.staging.dtype)  # on the device: the D2H is a plain copy
             self._send(unit, packed, unit.staging, produced, release=None)
+
+    def _pack_padded(self, unit: Unit, trainable: list[Entry], grads: Sequence[torch.Tensor | None], out: torch.Tensor) -> torch.Tensor:
+        """Data parallel: the unit's gradients laid out for reduce-scatter (rank s's elements at s*gchunk);
+        a parameter with no gradient on this rank contributes zeros."""
+        shard = self._shard[unit.index]
+        dev = out[: shard.gchunk * self.coll.size]
+        by_entry = {id(e): g for e, g in zip(trainable, grads)}
+        for e, a, b, dst in shard.pack:
+            g = by_entry[id(e)]
+            if g is None:
+                dev[dst : dst + b - a].zero_()
+            else:
+                dev[dst : dst + b - a].copy_(g.reshape(-1)[a:b])
+        return dev
 
     def _send(self, unit: Unit, dev: torch.Tensor, host: torch.Tensor, produced: list[bool], release: GradChannel | None) -> None:
         streams = self.streams
@@ -555,6 +816,16 @@ class Runtime:
         streams.wait(streams.d2h, packed)
         if release is None and streams.cuda:
             dev.record_stream(streams.d2h)  # allocated on the compute stream, read on the D2H stream
+        shard = self._shard.get(unit.index)
+        if shard is not None:
+            # data parallel: reduce-scatter on the D2H stream (overlapping the next layer's backward),
+            # then this rank's shard, averaged over the world, goes home
+            rs = release.rs if release is not None else torch.empty(shard.gchunk, dtype=dev.dtype, device=self.device)
+            if release is None and streams.cuda:
+                rs.record_stream(streams.d2h)
+            with streams.on(streams.d2h):
+                self.coll.reduce_scatter(rs[: shard.gchunk], dev)
+            dev = rs[: shard.gnumel]
         streams.copy(streams.d2h, host[: dev.numel()], dev)
         done.record(streams.d2h)
         self._stats.d2h_bytes += dev.numel() * dev.element_size()
@@ -562,7 +833,10 @@ class Runtime:
         def task(dev: torch.Tensor = dev) -> None:  # holds the device buffer until its copy is done
             done.synchronize()
             start = time.perf_counter()
-            unit.accumulate(host[: unit.gnumel], produced)
+            if shard is not None:
+                unit.accumulate_owned(host[: dev.numel()], shard.glo)
+            else:
+                unit.accumulate(host[: unit.gnumel], produced)
             self._stats.accumulate_s += time.perf_counter() - start
 
         # the channel goes back even when the task fails or is skipped: backward may be waiting for it
@@ -596,7 +870,23 @@ class Runtime:
         if self.slots.find(unit) is None:
             self._wait_ticket(unit.ticket)
             unit.refresh_compute()
-        return self.slots.load(unit, unit.compute, keep=keep)
+        if self.coll is None:
+            return self.slots.load(unit, unit.compute, keep=keep)
+        shard = self._shard[unit.index]
+
+        def fill(slot: Any) -> int:  # on the H2D stream: this rank's bytes, then the layer from every rank
+            self._gather(slot.buf, slot.shard, unit, shard)
+            return shard.chunk
+
+        return self.slots.load(unit, unit.compute, keep=keep, fill=fill)
+
+    def _gather(self, dst: torch.Tensor, tmp: torch.Tensor, unit: Unit, shard: Any) -> None:
+        """Copy this rank's image bytes to the device and all-gather the unit into ``dst``, queued on
+        the H2D stream (which waits for the collective: no host synchronisation)."""
+        streams = self.streams
+        streams.copy(streams.h2d, tmp[: shard.chunk], unit.compute[shard.lo : shard.lo + shard.chunk])
+        with streams.on(streams.h2d):
+            self.coll.all_gather(dst[: shard.chunk * self.coll.size], tmp[: shard.chunk])
 
     def _views(self, unit: Unit, slot: Any, grad: bool) -> list[torch.Tensor]:
         views = [unit.param_view(slot.buf, e) for e in unit.entries]
@@ -773,15 +1063,21 @@ class Runtime:
             try:
                 produced = []
                 with torch.no_grad():
-                    for e, g in zip((e for e in unit.entries if e.goffset is not None), weight_grads):
-                        dst = channel.dev[e.goffset : e.goffset + e.numel]
-                        if g is None:
-                            dst.zero_()
-                            produced.append(False)
-                        else:
-                            dst.copy_(g.reshape(-1))
-                            produced.append(True)
-                self._send(unit, channel.dev[: unit.gnumel], channel.host, produced, release=channel)
+                    trainable = [e for e in unit.entries if e.goffset is not None]
+                    if self.coll is not None:
+                        dev = self._pack_padded(unit, trainable, weight_grads, channel.dev)
+                        produced = [True] * len(trainable)
+                    else:
+                        dev = channel.dev[: unit.gnumel]
+                        for e, g in zip(trainable, weight_grads):
+                            dst = channel.dev[e.goffset : e.goffset + e.numel]
+                            if g is None:
+                                dst.zero_()
+                                produced.append(False)
+                            else:
+                                dst.copy_(g.reshape(-1))
+                                produced.append(True)
+                self._send(unit, dev, channel.host, produced, release=channel)
             except BaseException:
                 self.channels.put(channel)  # _send submits last: a failure in it means no task will return it
                 raise

@@ -248,7 +248,14 @@ def split_params(optimizer: Optimizer, owner: dict[int, int], n_units: int) -> l
     return per_unit
 
 
-def step_unit(optimizer: Optimizer, hparams: list[dict[str, Any]], params: Iterable[list[torch.Tensor]], kwargs: dict) -> None:
+def step_unit(
+    optimizer: Optimizer, hparams: list[dict[str, Any]], params: Iterable[list[torch.Tensor]], kwargs: dict, state: Any = None
+) -> None:
+    """``state``: the optimizer state to step with instead of the optimizer's own (data parallel: the
+    rank's state for the elements it owns)."""
     groups = [{**hp, "params": ps} for hp, ps in zip(hparams, params) if ps]
     if groups:
-        type(optimizer).step(shadow_optimizer(optimizer, groups), **kwargs)
+        shadow = shadow_optimizer(optimizer, groups)
+        if state is not None:
+            shadow.state = state
+        type(optimizer).step(shadow, **kwargs)

@@ -8,6 +8,7 @@ host-device synchronisation happens here.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,10 @@ class Streams:
 
     def event(self) -> Any:
         return torch.cuda.Event() if self.cuda else _NoEvent()
+
+    def on(self, stream: Any) -> Any:
+        """Make ``stream`` current (collectives queue after, and make it wait for, what it holds)."""
+        return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
 
     def compute(self) -> Any:
         return torch.cuda.current_stream(self.device) if self.cuda else None
@@ -78,6 +83,7 @@ class Slot:
         self.ready = streams.event()
         self.free = streams.event()
         self.last_use = 0
+        self.shard: torch.Tensor | None = None  # data parallel: this rank's bytes, gathered into ``buf``
 
 
 class SlotPool:
@@ -104,8 +110,10 @@ class SlotPool:
                 return slot
         return None
 
-    def load(self, unit: Any, src: torch.Tensor, keep: tuple[Slot, ...] = ()) -> Slot:
-        """Make ``unit`` resident (copying ``src`` if it is not) without evicting the slots in ``keep``."""
+    def load(self, unit: Any, src: torch.Tensor, keep: tuple[Slot, ...] = (), fill: Callable[[Slot], int] | None = None) -> Slot:
+        """Make ``unit`` resident (copying ``src`` if it is not) without evicting the slots in ``keep``.
+        ``fill(slot)`` replaces the copy (data parallel: copy a shard and all-gather), returning the bytes
+        it moved over the host link."""
         slot = self.find(unit)
         if slot is None:
             candidates = [s for s in self.slots if s not in keep]
@@ -113,11 +121,15 @@ class SlotPool:
             slot.unit = None
             h2d = self.streams.h2d
             self.streams.wait(h2d, slot.free)
-            self.streams.copy(h2d, slot.buf[: src.numel()], src)
+            if fill is not None:
+                moved = fill(slot)
+            else:
+                self.streams.copy(h2d, slot.buf[: src.numel()], src)
+                moved = src.numel() * src.element_size()
             slot.ready.record(h2d)
             slot.unit = unit
             self.loads += 1
-            self.bytes_h2d += src.numel() * src.element_size()
+            self.bytes_h2d += moved
         self._clock += 1
         slot.last_use = self._clock
         return slot
@@ -162,6 +174,7 @@ class GradChannel:
         self.host = host
         self.packed = streams.event()
         self.done = streams.event()
+        self.rs: torch.Tensor | None = None  # data parallel: this rank's reduce-scattered gradients
 
 
 class ChannelPool:

@@ -124,7 +124,13 @@ class Unit:
         pin: bool,
         staging: bool,
         module: nn.Module | None = None,
+        shared: str | None = None,
+        fill: bool = True,
+        image_bytes: int | None = None,
     ) -> None:
+        """``shared``: the node-shared file the arena lives in (data parallel); ``fill=False`` when another
+        rank of the node has already filled it (the parameters only become views of it);
+        ``image_bytes``: the image padded to whole rank shards."""
         self.name = name
         self.module = module
         self.mutates_buffers = False
@@ -145,10 +151,13 @@ class Unit:
                 e.soffset = mnumel
                 mnumel += e.numel
         self.nbytes = nbytes
-        layout = [(mnumel, torch.float32), (self.gnumel, torch.float32), (nbytes, torch.uint8)]
+        layout = [(mnumel, torch.float32), (self.gnumel, torch.float32), (max(nbytes, image_bytes or 0), torch.uint8)]
         if staging:
             layout.append((self.gnumel, compute_dtype))
-        self.arena = HostArena(layout, pin=pin)
+        self.arena = HostArena(layout, pin=pin, shared=shared)
+        # data parallel: the element range of each entry this rank owns (id(entry) -> (a, b)); the
+        # rank re-casts only those (other ranks write the rest of the shared image)
+        self.own: dict[int, tuple[int, int]] | None = None
         bufs = self.arena.buffers
         self.master, self.grad = bufs[0], bufs[1]
         self.compute = bufs[2]  # the image: what one H2D copy puts in a device slot
@@ -157,11 +166,16 @@ class Unit:
         with torch.no_grad():
             for e in entries:
                 view = self.store_view(e)
-                view.copy_(e.param.data)
+                if fill:
+                    view.copy_(e.param.data)
                 e.param.data = view  # the old storage is freed here, one unit at a time
         self._synced: dict[int, int] = {}
         self._synced_raw = -1
-        self.refresh_compute()
+        if fill:
+            self.refresh_compute()
+        else:  # the image was cast by the rank that filled it
+            self._synced = {id(e): e.param._version for e in self._cast}
+            self._synced_raw = self.compute._version
 
     def store_view(self, e: Entry) -> torch.Tensor:
         """Where the parameter itself lives: its fp32 master, or its own bytes in the image."""
@@ -205,6 +219,12 @@ class Unit:
                 version = e.param._version
                 fresh = self._synced.get(id(e)) == version and (e.goffset is None or raw == self._synced_raw)
                 if fresh and not (force and e.goffset is not None):
+                    continue
+                if self.own is not None:
+                    a, b = self.own.get(id(e), (0, 0))
+                    if b > a:
+                        self.param_view(self.compute, e).view(-1)[a:b].copy_(self.store_view(e).view(-1)[a:b])
+                    self._synced[id(e)] = version
                     continue
                 self.param_view(self.compute, e).copy_(self.store_view(e))
                 self._synced[id(e)] = version
@@ -252,6 +272,27 @@ class Unit:
             else:
                 e.param.grad.add_(g)
 
+    def accumulate_owned(self, src: torch.Tensor, g_lo: int) -> None:
+        """Data parallel: add this rank's gradient elements ``[g_lo, g_lo + src.numel())`` (of the unit's
+        trainable elements) into the shared fp32 gradient. A parameter whose ``.grad`` is None gets the
+        whole shared view (the other ranks fill their parts); the first gradient after ``zero_grad``
+        is copied, later ones added, as autograd does."""
+        assert self.own is not None
+        for e in self.entries:
+            if e.goffset is None:
+                continue
+            a, b = self.own.get(id(e), (0, 0))
+            first = e.param.grad is None
+            if first:
+                e.param.grad = self.grad_view(e)  # also where another rank owns every element
+            if b <= a:
+                continue
+            g = src[e.goffset + a - g_lo : e.goffset + b - g_lo]
+            if first:
+                self.grad_view(e).view(-1)[a:b].copy_(g)
+            else:
+                add_widened(e.param.grad.view(-1)[a:b], g)
+
     def bind(self, tensors: Sequence[torch.Tensor]) -> None:
         for e, t in zip(self.entries, tensors):
             for module, name in e.refs:
@@ -264,6 +305,12 @@ class Unit:
 
     def detach(self) -> None:
         """Give every parameter (and gradient) back its own ordinary memory and free the arena."""
+        if self.own is not None:
+            # node-shared memory: the parameters keep viewing it (a private copy on every rank would
+            # need the node's memory N times over); it is freed with the last view
+            self.master = self.grad = self.compute = self.staging = None  # type: ignore[assignment]
+            self.arena.release()
+            return
         with torch.no_grad():
             for e in self.entries:
                 grad = e.param.grad
