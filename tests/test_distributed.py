@@ -27,7 +27,10 @@ from models import BlockLM, data, trainer
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 SCENARIOS = ("auto", "clip_value", "manual")
-RTOL, ATOL = 1e-5, 1e-6  # as tests/models.py assert_same_training: float noise
+# tests/models.py assert_same_training's rtol; atol 1e-5 rather than 1e-6: the gradient is summed in another
+# order than DDP's all-reduce (reduce-scatter, then / world size), and Adam turns that rounding on a near-zero
+# gradient into up to ~1e-6 of a weight (seen: 1.6e-6 on one element of 2048, 3 ranks, lr 1e-2 = 1e3 x that)
+RTOL, ATOL = 1e-5, 1e-5
 
 
 def launch(k: int, scenarios: str, out: Path, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
@@ -220,9 +223,9 @@ def test_elementwise_optimizers_only() -> None:
 def test_clipping_goes_to_the_runtime_in_data_parallel() -> None:
     """Gradients are node-shared views: clipping must be the runtime's (global norm, own range), not torch's
     in place on every rank."""
-    calls: list[tuple[str, int, float]] = []
+    calls: list[Any] = []
     runtime = SimpleNamespace(
-        collective=object(),
+        collective=SimpleNamespace(barrier=lambda: calls.append("barrier")),
         clip_grad_norm_=lambda params, v: calls.append(("norm", len(params), v)),
         clip_grad_value_=lambda params, v: calls.append(("value", len(params), v)),
     )
@@ -233,7 +236,8 @@ def test_clipping_goes_to_the_runtime_in_data_parallel() -> None:
     plugin.runtime = runtime  # type: ignore[assignment]
     plugin.clip_grad_by_norm(opt, 1.0)
     plugin.clip_grad_by_value(opt, 0.5)
-    assert calls == [("norm", 1, 1.0), ("value", 1, 0.5)]
+    # between barriers: no rank clips while another reads the whole (shared) gradients, or reads them half clipped
+    assert calls == ["barrier", ("norm", 1, 1.0), "barrier", "barrier", ("value", 1, 0.5), "barrier"]
     assert torch.equal(p.grad, torch.full((3,), 10.0))  # untouched here
 
     plugin.runtime = SimpleNamespace(collective=None)  # type: ignore[assignment]
