@@ -6,7 +6,7 @@
 # $OUT (the device tool brings them back); copy the tables into benchmarks/RESULTS.md with the device.
 #
 #   part      what, in order                                                  wall-clock cap  expected
-#   tests     pytest -m gpu; limits.py (bandwidth, TFLOPS, AdamW, bound)      240 s + 200 s   ~4 min
+#   tests     pytest -m gpu (incl. data parallel over NCCL); limits.py (bandwidth, TFLOPS, AdamW, bound)      240 s + 200 s   ~4 min
 #   profile   profile_step.py: torch.profiler trace of 3 steps at 1B + summary 300 s          ~2-3 min
 #   speed     throughput.py: 1B megatrain, plain+ckpt; 3B megatrain, ZeRO-3
 #             offload, FSDP offload (DeepSpeed needs .whl, fetch_deepspeed.sh) 500 s budget   ~8 min
@@ -30,7 +30,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 case "${1:-tests}" in
   tests)
-    timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.txt"
+    timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_gpu.py tests/test_gpu_dp.py 2>&1 | tee "$OUT/pytest_gpu.txt"
     timeout 200 python3 benchmarks/limits.py --hidden 2048 --layers 22 --intermediate 5632 --heads 32 --kv-heads 4 \
       --seq 4096 --batch 4 --out "$OUT/limits.json" 2>&1 | tee "$OUT/limits.txt"
     ;;

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +89,10 @@ def _fmt(n: int) -> str:
     return f"{n} B"
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
 def _size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -109,6 +115,17 @@ class MemoryPlan:
     layer_trainable: int = 0  # of which trainable
     stream_bytes: int = 0  # bytes one pass over the layers copies to the device (all layer images)
     grad_bytes: int = 0  # bytes of layer gradients copied back per micro-batch
+    # data parallel (``ranks_per_node * nodes > 1``): ``host`` is then the whole node's need, made of
+    # ``host_shared`` (one copy per node, in shared memory) and ``ranks_per_node`` times ``host_private``;
+    # ``device``, ``stream_bytes`` and ``grad_bytes`` are one rank's (its 1/N of every layer over PCIe).
+    ranks_per_node: int = 1
+    nodes: int = 1
+    host_shared: dict[str, int] = field(default_factory=dict)  # per node, in ``shm_dir``
+    host_private: dict[str, int] = field(default_factory=dict)  # per rank
+    shm_dir: str = ""
+    shm_free: int | None = None  # free bytes in ``shm_dir`` (None: not checked, e.g. planning another machine)
+    gather_bytes: int = 0  # per rank and micro-batch over the GPU interconnect: all-gather and reduce-scatter
+    internode_bytes: int = 0  # per rank and micro-batch between nodes: all-reduce of its gradient shards
 
     def transfer_bytes(self) -> int:
         """Bytes over the host link per micro-batch: every layer's weights twice (forward, then the
@@ -144,27 +161,106 @@ class MemoryPlan:
     def device_total(self) -> int:
         return sum(self.device.values())
 
+    @property
+    def data_parallel(self) -> bool:
+        return self.ranks_per_node * self.nodes > 1
+
+    @property
+    def shm_needed(self) -> int:
+        """Bytes of the node's shared host state: what ``shm_dir`` must have room for (data parallel)."""
+        return sum(self.host_shared.values())
+
+    @property
+    def host_private_per_rank(self) -> int:
+        """Host bytes each rank holds in its own memory (data parallel)."""
+        return sum(self.host_private.values())
+
+    def _shm_fits(self) -> bool:
+        return not self.data_parallel or self.shm_free is None or self.shm_needed <= self.shm_free
+
     def fits(self) -> bool:
-        return self.host_needed <= self.host_available and (self.device_free is None or self.device_total <= self.device_free)
+        return (
+            self.host_needed <= self.host_available
+            and (self.device_free is None or self.device_total <= self.device_free)
+            and self._shm_fits()
+        )
 
     def check(self) -> None:
         if self.host_needed > self.host_available:
+            where = ""
+            if self.data_parallel:
+                where = (
+                    f" per node ({_fmt(self.shm_needed)} shared by the node's {self.ranks_per_node} ranks, "
+                    f"{self.ranks_per_node} x {_fmt(self.host_private_per_rank)} private to each rank)"
+                )
             raise MemoryPlanError(
-                f"megatrain needs {self.host_needed} bytes ({_fmt(self.host_needed)}) more host memory "
+                f"megatrain needs {self.host_needed} bytes ({_fmt(self.host_needed)}) more host memory{where} "
                 f"({self.host_total} bytes in all, {self.host_in_use} already held by the parameters) but "
                 f"{self.host_available} bytes ({_fmt(self.host_available)}) are available.\n{self}\nUse a machine with more RAM, a "
                 "smaller model, or an optimizer with less state; check_memory=False skips this check."
             )
-        if self.device_free is not None and self.device_total > self.device_free:
+        if not self._shm_fits():
+            assert self.shm_free is not None
             raise MemoryPlanError(
-                f"megatrain needs {self.device_total} bytes ({_fmt(self.device_total)}) of device memory but "
+                f"megatrain's shared host state ({self.shm_needed} bytes, {_fmt(self.shm_needed)}: one copy per node, "
+                f"mapped by its {self.ranks_per_node} ranks) must fit in {self.shm_dir}, which has {self.shm_free} bytes "
+                f"({_fmt(self.shm_free)}) free.\n{self}\nMount a larger /dev/shm (e.g. `mount -o remount,size=<GiB>G "
+                "/dev/shm`; in a container, `docker run --shm-size`) or set MEGATRAIN_SHM_DIR to a RAM-backed directory "
+                "(tmpfs) with room; check_memory=False skips this check."
+            )
+        if self.device_free is not None and self.device_total > self.device_free:
+            per = " per GPU" if self.data_parallel else ""
+            raise MemoryPlanError(
+                f"megatrain needs {self.device_total} bytes ({_fmt(self.device_total)}) of device memory{per} but "
                 f"{self.device_free} bytes ({_fmt(self.device_free)}) are free.\n{self}\nLower prefetch or the batch size."
             )
 
     def __str__(self) -> str:
         rows = [f"megatrain memory plan: {self.params:,} parameters ({self.trainable:,} trainable), {self.n_layers} streamed layers"]
+        n = self.ranks_per_node
+        if self.data_parallel:
+            rows.append(
+                f"  data parallel: {_count(self.nodes, 'node')} x {_count(n, 'rank')} (GPUs) per node; the ranks of a node share one copy of the "
+                f"host state, each owns 1/{n} of every layer{'; nodes are replicas' if self.nodes > 1 else ''}"
+            )
         if self.host_memory_reason:
             rows.append(f"  host_memory={self.host_memory!r}: {self.host_memory_reason}")
+        if self.data_parallel:
+            rows.append(f"  host per node (pinned when a GPU is used; {self.host_bytes_per_param:.1f} B/param):")
+            rows.append(f"    shared by the node's {_count(n, 'rank')}, one copy in {self.shm_dir or 'shared memory'}:")
+            rows += [f"      {k:<30}{_fmt(v):>12}" for k, v in self.host_shared.items()]
+            free = "not checked" if self.shm_free is None else _fmt(self.shm_free)
+            rows.append(f"      {'shared, per node':<30}{_fmt(self.shm_needed):>12}  (free there now: {free})")
+            rows.append("    private to each rank:")
+            rows += [f"      {k:<30}{_fmt(v):>12}" for k, v in self.host_private.items()]
+            rows.append(
+                f"      {'private, per rank':<30}{_fmt(self.host_private_per_rank):>12}  "
+                f"(x {n} = {_fmt(n * self.host_private_per_rank)} per node)"
+            )
+            rows.append(
+                f"    {'total per node':<32}{_fmt(self.host_total):>12}  (available now: {_fmt(self.host_available)} "
+                f"+ {_fmt(self.host_in_use)} held by the parameters)"
+            )
+            if "saved layer inputs" in self.device:
+                rows.append("  GPU per rank:")
+            else:
+                rows.append("  GPU per rank (before activations; pass plan_batch_tokens to include them):")
+            rows += [f"    {k:<32}{_fmt(v):>12}" for k, v in self.device.items()]
+            free = "not checked (CPU)" if self.device_free is None else _fmt(self.device_free)
+            rows.append(f"    {'total per rank':<32}{_fmt(self.device_total):>12}  (free now: {free})")
+            if self.stream_bytes:
+                rows.append(
+                    f"  host link per rank and micro-batch: {_fmt(self.transfer_bytes())} (its 1/{n} of each layer's weights in twice, "
+                    f"its 1/{n} of the layer gradients out); hidden behind compute from ~{self.tokens_to_hide_transfers():,} tokens "
+                    "per micro-batch (at 50 GB/s and 800 TFLOPS)"
+                )
+                across = f"; between nodes: {_fmt(self.internode_bytes)} (all-reduce of its gradient shards)" if self.nodes > 1 else ""
+                rows.append(
+                    f"  GPU to GPU per rank and micro-batch: {_fmt(self.gather_bytes)} (all-gather of the weights twice, "
+                    f"reduce-scatter of the layer gradients){across}"
+                )
+            rows.append(f"  fits: {'yes' if self.fits() else 'NO'}")
+            return "\n".join(rows)
         rows.append(f"  host (pinned when a GPU is used; {self.host_bytes_per_param:.1f} B/param):")
         rows += [f"    {k:<32}{_fmt(v):>12}" for k, v in self.host.items()]
         rows.append(
@@ -215,6 +311,10 @@ def plan_memory(
     host_available: int | None = None,
     device_free: int | None = None,
     grad_channels: int | None = None,
+    ranks_per_node: int = 1,
+    nodes: int = 1,
+    shm_dir: str | None = None,
+    shm_free: int | None = None,
 ) -> MemoryPlan:
     """The plan for streaming ``layers`` of ``module``; a public function so users can call it before a long load.
 
@@ -224,9 +324,23 @@ def plan_memory(
     from an HF config or the first layer's first ``nn.Linear`` when not given. ``host_memory`` is a
     resolved mode (``"fast"``, ``"compact"``, ``"lean"``; see :func:`choose_host_memory`).
     ``host_available`` and ``device_free`` replace what this machine has (to plan for another one).
+
+    Data parallel (``ranks_per_node`` GPUs on each of ``nodes`` nodes): the node holds one copy of the
+    fp32 masters, gradients and streamed image in shared memory (``shm_dir``: ``MEGATRAIN_SHM_DIR`` or
+    ``/dev/shm``; ``shm_free`` replaces its free bytes), each rank its 1/N of the optimizer state and its
+    own gradient staging; each GPU holds whole layers in its slots, plus a 1/N shard buffer per slot.
+    ``host_available`` is then the node's, and the plan's host figures are per node.
     """
     if host_memory not in ("fast", "compact", "lean"):
         raise ValueError(f"plan_memory needs a resolved host_memory ('fast', 'compact' or 'lean'), got {host_memory!r}")
+    for name, value in (("ranks_per_node", ranks_per_node), ("nodes", nodes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"plan_memory needs {name} to be a positive int (GPUs per node, nodes), got {value!r}")
+    dp = ranks_per_node * nodes > 1
+    if dp and host_memory == "lean":
+        raise ValueError(
+            "host_memory='lean' is not supported with data parallel (more than one rank): plan with 'fast' or 'compact'"
+        )
     layer_numels, layer_trainable, layer_images = [], [], []
     layer_ids: set[int] = set()
     store = {"trainable": 0, "frozen": 0, "cast": 0}  # host bytes: fp32 masters, frozen as stored, compute copies
@@ -287,6 +401,47 @@ def plan_memory(
         if hidden:
             dev["saved layer inputs"] = len(layers) * batch_tokens * hidden * csize
             dev["one layer's working set (est.)"] = 16 * batch_tokens * hidden * csize + csize * max(layer_trainable, default=0)
+    shared: dict[str, int] = {}
+    private: dict[str, int] = {}
+    gather_bytes = internode_bytes = 0
+    if dp:
+        from .engine.collective import ALIGN
+
+        n = ranks_per_node
+
+        def chunk(nbytes: int) -> int:  # as Collective.chunk: one rank's bytes of an image padded to n of them
+            per = -(-nbytes // n)
+            return -(-per // ALIGN) * ALIGN
+
+        largest_image = max(layer_images, default=0)
+        largest_grads = ssize * max(layer_trainable, default=0)
+        shared = {k: v for k, v in host.items() if k not in ("optimizer state (estimate)", "gradient staging")}
+        private = {
+            f"optimizer state, 1/{n} (est.)": state * -(-trainable // n),
+            f"gradient staging (1/{n})": chunk(4 * outer_trainable) + n_channels * chunk(largest_grads),
+        }
+        host = {**shared, **{f"{k} x {n} ranks": n * v for k, v in private.items()}}
+        dev = {
+            "weight slots (whole layers)": n_slots * n * chunk(largest_image),
+            f"weight shards (1/{n} per slot)": n_slots * chunk(largest_image),
+            "gradient buffers (whole layers)": n_channels * n * chunk(largest_grads),
+            **{k: v for k, v in dev.items() if k not in ("weight slots", "gradient buffers")},
+        }
+        # ring collectives: a rank receives (n-1) shards of each layer in each all-gather and sends (n-1) in
+        # the reduce-scatter; across nodes each shard is all-reduced (2 (nodes-1)/nodes of it per rank)
+        layer_grads = [chunk(ssize * t) for t in layer_trainable]
+        gather_bytes = (n - 1) * (2 * sum(chunk(b) for b in layer_images) + sum(layer_grads))
+        internode_bytes = 2 * (nodes - 1) * sum(layer_grads) // nodes
+        stream_bytes = sum(chunk(b) for b in layer_images)
+        grad_bytes = sum(layer_grads)
+        shm_dir = shm_dir or os.environ.get("MEGATRAIN_SHM_DIR", "/dev/shm")
+        if shm_free is None:
+            try:
+                shm_free = shutil.disk_usage(shm_dir).free
+            except OSError:
+                shm_free = 0  # missing: the refusal names the directory
+    else:
+        grad_bytes = ssize * sum(layer_trainable)
     device = torch.device(device)
     if device_free is None and device.type == "cuda":
         device_free = torch.cuda.mem_get_info(device)[0]
@@ -300,11 +455,19 @@ def plan_memory(
         layer_params=sum(layer_numels),
         layer_trainable=sum(layer_trainable),
         stream_bytes=stream_bytes,
-        grad_bytes=ssize * sum(layer_trainable),
+        grad_bytes=grad_bytes,
         host_available=psutil.virtual_memory().available if host_available is None else host_available,
         device_free=device_free,
         host_memory=host_memory,
         host_memory_reason=host_memory_reason,
+        ranks_per_node=ranks_per_node,
+        nodes=nodes,
+        host_shared=shared,
+        host_private=private,
+        shm_dir=shm_dir if dp and shm_dir else "",
+        shm_free=shm_free if dp else None,
+        gather_bytes=gather_bytes,
+        internode_bytes=internode_bytes,
     )
 
 

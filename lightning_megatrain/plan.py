@@ -5,6 +5,8 @@
 fits the given host and GPU. ``--model`` takes a preset name, a Hugging Face model directory or
 ``config.json`` (any family when ``transformers`` is installed: the model is built on the meta device,
 so nothing is allocated), or use ``--params`` for a Llama-shaped model of about that many parameters.
+With ``--gpus-per-node N --nodes M`` (data parallel) ``--host-gb`` is one node's host memory and
+``--gpu-gb`` one GPU's, and the table shows host bytes per node (shared and private) and GPU bytes per rank.
 """
 
 from __future__ import annotations
@@ -140,31 +142,37 @@ def llama_of_size(params: int) -> LlamaShape:
 
 def plan_for(
     model: str | LlamaShape | int, mode: str, host_bytes: int, gpu_bytes: int, tokens: int, prefetch: int = 1,
-    compute_dtype: torch.dtype = torch.bfloat16,
+    compute_dtype: torch.dtype = torch.bfloat16, ranks_per_node: int = 1, nodes: int = 1,
 ) -> MemoryPlan:
-    """The memory plan of ``model`` under ``mode`` on a machine with ``host_bytes`` and ``gpu_bytes``."""
+    """The memory plan of ``model`` under ``mode`` on a machine with ``host_bytes`` and ``gpu_bytes``
+    (per node and per GPU when ``ranks_per_node`` GPUs on each of ``nodes`` nodes train data parallel)."""
     module, layers, hidden, _ = build_meta(model)
     optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
     plan = plan_memory(
         module, layers, compute_dtype, torch.device("cpu"), prefetch=prefetch, optimizers=[optimizer],
         batch_tokens=tokens, hidden_size=hidden, host_memory=mode, host_available=host_bytes, device_free=gpu_bytes,
+        ranks_per_node=ranks_per_node, nodes=nodes,
     )
     plan.host_in_use = 0  # nothing is loaded yet: all of it must fit
+    plan.shm_free = None  # another machine's /dev/shm: the table shows what it must hold instead
     return plan
 
 
-def largest_llama(mode: str, host_bytes: int, gpu_bytes: int, tokens: int, prefetch: int = 1) -> LlamaShape | None:
+def largest_llama(
+    mode: str, host_bytes: int, gpu_bytes: int, tokens: int, prefetch: int = 1, ranks_per_node: int = 1, nodes: int = 1
+) -> LlamaShape | None:
     """The largest Llama-shaped model whose plan fits: over the preset widths, at any depth up to
     twice the published one (host bytes grow with parameters whatever the shape; width sets the GPU's
     share through the layer slots, depth through the saved inputs)."""
     best: LlamaShape | None = None
+    dp = {"ranks_per_node": ranks_per_node, "nodes": nodes}
     for width in _WIDTHS:
-        if not plan_for(width, mode, host_bytes, gpu_bytes, tokens, prefetch).fits():
+        if not plan_for(width, mode, host_bytes, gpu_bytes, tokens, prefetch, **dp).fits():
             continue
         lo, hi = 1, _MAX_DEPTH[width.hidden] + 1
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if plan_for(replace(width, layers=mid), mode, host_bytes, gpu_bytes, tokens, prefetch).fits():
+            if plan_for(replace(width, layers=mid), mode, host_bytes, gpu_bytes, tokens, prefetch, **dp).fits():
                 lo = mid
             else:
                 hi = mid
@@ -181,24 +189,56 @@ def _human(n: float) -> str:
     return str(int(n))
 
 
-def report(model: str | LlamaShape | int, host_gb: float, gpu_gb: float, tokens: int, prefetch: int = 1) -> str:
-    """The table the command line prints."""
+def report(
+    model: str | LlamaShape | int, host_gb: float, gpu_gb: float, tokens: int, prefetch: int = 1,
+    gpus_per_node: int = 1, nodes: int = 1,
+) -> str:
+    """The table the command line prints (per node and per rank with more than one GPU)."""
     host_bytes, gpu_bytes = int(host_gb * GiB), int(gpu_gb * GiB)
     _, _, _, what = build_meta(model)
+    if gpus_per_node * nodes == 1:
+        rows = [
+            f"model: {what}",
+            f"machine: {host_gb:g} GiB host, {gpu_gb:g} GiB GPU; bf16-mixed, AdamW, {tokens} tokens per micro-batch, prefetch {prefetch}",
+            f"{'host_memory':<12}{'host GiB':>10}{'B/param':>9}{'GPU GiB':>10}{'fits':>6}   largest Llama-shaped model that fits",
+        ]
+        for mode in MODES:
+            plan = plan_for(model, mode, host_bytes, gpu_bytes, tokens, prefetch)
+            best = largest_llama(mode, host_bytes, gpu_bytes, tokens, prefetch)
+            largest = "none" if best is None else f"{_human(best.params)} (hidden {best.hidden}, {best.layers} layers)"
+            rows.append(
+                f"{mode:<12}{plan.host_total / GiB:>10.1f}{plan.host_bytes_per_param:>9.1f}{plan.device_total / GiB:>10.1f}"
+                f"{'yes' if plan.fits() else 'NO':>6}   {largest}"
+            )
+        rows.append("fast: bf16 host copy streamed; compact: fp32 masters streamed (same numbers); lean: compact + bf16 optimizer state")
+        return "\n".join(rows)
+    n = gpus_per_node
     rows = [
         f"model: {what}",
-        f"machine: {host_gb:g} GiB host, {gpu_gb:g} GiB GPU; bf16-mixed, AdamW, {tokens} tokens per micro-batch, prefetch {prefetch}",
-        f"{'host_memory':<12}{'host GiB':>10}{'B/param':>9}{'GPU GiB':>10}{'fits':>6}   largest Llama-shaped model that fits",
+        f"machines: {nodes} node(s) x {n} GPU(s) per node; each node {host_gb:g} GiB host, each GPU {gpu_gb:g} GiB; bf16-mixed, AdamW, "
+        f"{tokens} tokens per micro-batch and rank, prefetch {prefetch}",
+        f"data parallel: the {n} ranks of a node share one copy of the host state and each owns 1/{n} of every layer"
+        + ("; nodes are replicas (each holds its own copy)" if nodes > 1 else ""),
+        f"{'':<12}{'host GiB per node':>18}{'host GiB':>11}{'B/param':>10}{'GPU GiB':>10}",
+        f"{'host_memory':<12}{'total':>9}{'shared':>9}{'per rank':>11}{'per node':>10}{'per rank':>10}{'fits':>6}   "
+        "largest Llama-shaped model that fits",
     ]
     for mode in MODES:
-        plan = plan_for(model, mode, host_bytes, gpu_bytes, tokens, prefetch)
-        best = largest_llama(mode, host_bytes, gpu_bytes, tokens, prefetch)
+        if mode == "lean":
+            rows.append(f"{mode:<12}{'refused in data parallel':>37}")
+            continue
+        plan = plan_for(model, mode, host_bytes, gpu_bytes, tokens, prefetch, ranks_per_node=n, nodes=nodes)
+        best = largest_llama(mode, host_bytes, gpu_bytes, tokens, prefetch, ranks_per_node=n, nodes=nodes)
         largest = "none" if best is None else f"{_human(best.params)} (hidden {best.hidden}, {best.layers} layers)"
         rows.append(
-            f"{mode:<12}{plan.host_total / GiB:>10.1f}{plan.host_bytes_per_param:>9.1f}{plan.device_total / GiB:>10.1f}"
-            f"{'yes' if plan.fits() else 'NO':>6}   {largest}"
+            f"{mode:<12}{plan.host_total / GiB:>9.1f}{plan.shm_needed / GiB:>9.1f}{plan.host_private_per_rank / GiB:>11.1f}"
+            f"{plan.host_bytes_per_param:>10.1f}{plan.device_total / GiB:>10.1f}{'yes' if plan.fits() else 'NO':>6}   {largest}"
         )
-    rows.append("fast: bf16 host copy streamed; compact: fp32 masters streamed (same numbers); lean: compact + bf16 optimizer state")
+    rows.append(
+        f"total = shared + {n} x per rank. shared: one copy per node (fp32 masters, fp32 gradients, streamed image) in "
+        "/dev/shm, which must have room for it; per rank: its 1/N of the optimizer state and its gradient staging"
+    )
+    rows.append("fast: bf16 host copy streamed; compact: fp32 masters streamed (same numbers); lean: not with data parallel")
     return "\n".join(rows)
 
 
@@ -211,12 +251,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-gb", type=float, required=True, help="GPU memory, GiB")
     parser.add_argument("--tokens", type=int, default=16384, help="tokens per micro-batch (batch x sequence length)")
     parser.add_argument("--prefetch", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=1, help="GPUs (ranks) per node, data parallel; --host-gb is then per node")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes, data parallel (each holds a copy of the state)")
     args = parser.parse_args(argv)
     model: str | int = args.model if args.model is not None else int(args.params)
     if isinstance(model, int) and model <= 0 or args.host_gb <= 0 or args.gpu_gb <= 0 or args.tokens <= 0:
         parser.error("--params, --host-gb, --gpu-gb and --tokens must be positive")
+    if args.gpus_per_node < 1 or args.nodes < 1:
+        parser.error(f"--gpus-per-node and --nodes must be at least 1, got {args.gpus_per_node} and {args.nodes}")
     try:
-        print(report(model, args.host_gb, args.gpu_gb, args.tokens, args.prefetch))
+        print(report(model, args.host_gb, args.gpu_gb, args.tokens, args.prefetch, args.gpus_per_node, args.nodes))
     except ValueError as err:
         parser.error(str(err))
 

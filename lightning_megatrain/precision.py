@@ -61,28 +61,19 @@ class MegaTrainPrecision(Precision):
 
     # In data parallel the gradients are views of node-shared memory that every rank of the node sees:
     # clipping them in place on each rank would scale them once per rank. The runtime clips with the
-    # global norm (all-reduce of the shards' norms) and each rank changes only the elements it owns.
-    # Node barriers around it: no rank changes its part while another still reads the whole gradients
-    # (on_before_optimizer_step, a norm logged by the user), and none reads them again half clipped.
+    # global norm (all-reduce of the shards' norms), each rank changing only the elements it owns, and
+    # no rank changes its part while another still reads the whole (hooks) or reads it half clipped.
     def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
-        collective = _collective(self.runtime)
-        if collective is None:
+        if self.runtime is None or self.runtime.collective is None:
             super().clip_grad_by_norm(optimizer, clip_val)
             return
-        assert self.runtime is not None
-        collective.barrier()
         self.runtime.clip_grad_norm_(list(self.main_params(optimizer)), clip_val)
-        collective.barrier()
 
     def clip_grad_by_value(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
-        collective = _collective(self.runtime)
-        if collective is None:
+        if self.runtime is None or self.runtime.collective is None:
             super().clip_grad_by_value(optimizer, clip_val)
             return
-        assert self.runtime is not None
-        collective.barrier()
         self.runtime.clip_grad_value_(list(self.main_params(optimizer)), clip_val)
-        collective.barrier()
 
     def optimizer_step(  # type: ignore[override]
         self, optimizer: Optimizer, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any
@@ -94,8 +85,3 @@ class MegaTrainPrecision(Precision):
         self.runtime.step(optimizer, **kwargs)
         return closure_result
 
-
-def _collective(runtime: Any) -> Any:
-    """The runtime's data-parallel collective, or None (one device)."""
-    # TODO(issue 12 merge): ``runtime.collective`` per the design; the engine names it ``coll`` today
-    return getattr(runtime, "collective", getattr(runtime, "coll", None))

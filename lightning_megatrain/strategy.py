@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import inspect
 import logging
 import os
 import time
@@ -120,7 +119,8 @@ class MegaTrainStrategy(ParallelStrategy):
             largest layer's gradients in the compute dtype); backward waits for the host only when all
             are still being accumulated.
         host_threads: intra-op threads of the host worker (optimizer step, gradient accumulation).
-            Default: all cores but one, so the thread that launches the GPU's kernels keeps a core.
+            Default: all cores but one, so the thread that launches the GPU's kernels keeps a core; with
+            several ranks per node, each rank takes its share of the cores less one.
         device: the one device to train on (``int``: that CUDA device). Lightning sets the devices from
             ``Trainer(devices=...)`` otherwise.
         parallel_devices: the devices of this node, one process each (Lightning sets them from
@@ -454,10 +454,7 @@ class MegaTrainStrategy(ParallelStrategy):
                     f"megatrain found no stack of repeated layers in {type(self.model).__name__}: nothing is streamed "
                     "and the whole model is bound on the device each step. Pass layer_cls to name the layers."
                 )
-            per_rank: dict[str, Any] = {}
-            # TODO(issue 12 merge): pass ranks_per_node unconditionally once memory.py takes it (helper C)
-            if self.is_distributed and "ranks_per_node" in inspect.signature(plan_memory).parameters:
-                per_rank["ranks_per_node"] = self.num_processes
+            per_rank = {"ranks_per_node": self.num_processes, "nodes": self.num_nodes} if self.is_distributed else {}
             self.memory_plan = plan_memory(
                 self.model, layers, precision.compute_dtype, self.root_device, self.config.prefetch, self.optimizers,
                 fitting, batch_tokens=self.plan_batch_tokens, host_memory=self.config.host_memory,

@@ -225,7 +225,7 @@ def test_clipping_goes_to_the_runtime_in_data_parallel() -> None:
     in place on every rank."""
     calls: list[Any] = []
     runtime = SimpleNamespace(
-        collective=SimpleNamespace(barrier=lambda: calls.append("barrier")),
+        collective=object(),
         clip_grad_norm_=lambda params, v: calls.append(("norm", len(params), v)),
         clip_grad_value_=lambda params, v: calls.append(("value", len(params), v)),
     )
@@ -236,8 +236,7 @@ def test_clipping_goes_to_the_runtime_in_data_parallel() -> None:
     plugin.runtime = runtime  # type: ignore[assignment]
     plugin.clip_grad_by_norm(opt, 1.0)
     plugin.clip_grad_by_value(opt, 0.5)
-    # between barriers: no rank clips while another reads the whole (shared) gradients, or reads them half clipped
-    assert calls == ["barrier", ("norm", 1, 1.0), "barrier", "barrier", ("value", 1, 0.5), "barrier"]
+    assert calls == [("norm", 1, 1.0), ("value", 1, 0.5)]
     assert torch.equal(p.grad, torch.full((3,), 10.0))  # untouched here
 
     plugin.runtime = SimpleNamespace(collective=None)  # type: ignore[assignment]

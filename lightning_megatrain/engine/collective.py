@@ -52,7 +52,7 @@ class NodeBoard:
     that died or stopped is named when the wait times out.
     """
 
-    FIELDS = ("pid", "backward", "step", "failed")
+    FIELDS = ("pid", "backward", "step", "failed", "arrive")
 
     def __init__(self, path: str, rank: int, size: int, create: bool) -> None:
         self.rank, self.size, self.path = rank, size, path
@@ -94,6 +94,14 @@ class NodeBoard:
                 raise CollectiveError(f"local rank {r} (pid {pid}) failed while this rank waited for {what}; see its log for the cause.")
             if pid and not _alive(pid):
                 raise CollectiveError(f"local rank {r} (pid {pid}) is gone (killed or crashed) while this rank waited for {what}.")
+
+    def barrier(self, timeout_s: float, what: str) -> None:
+        """Every rank of the node has come here (as often as this one): a barrier in shared memory,
+        without a collective (so no device synchronisation on a GPU)."""
+        col = self.FIELDS.index("arrive")
+        value = int(self.table[self.rank, col]) + 1
+        self.table[self.rank, col] = value
+        self.wait_all("arrive", value, timeout_s, what)
 
     def mark_failed(self) -> None:
         self.table[self.rank, 3] = 1
@@ -176,20 +184,27 @@ class Collective:
     # ------------------------------------------------------------------ collectives on device tensors
     def all_gather(self, out: torch.Tensor, shard: torch.Tensor) -> None:
         """``out`` (``size`` shards) from every rank's ``shard``, on the current stream's order."""
-        if self.size == 1:
-            out.copy_(shard)
-            return
-        dist.all_gather_into_tensor(out, shard, group=self.group)
+        dist.all_gather_into_tensor(out, shard, group=self.group)  # (also for one rank: one code path)
 
     def reduce_scatter(self, out: torch.Tensor, full: torch.Tensor) -> None:
         """This rank's shard of the sum over all ranks of ``full``, averaged over the world."""
-        if self.size == 1:
-            out.copy_(full)
-        else:
-            dist.reduce_scatter_tensor(out, full, group=self.group)
+        dist.reduce_scatter_tensor(out, full, group=self.group)
         if self.replicas is not None:
             dist.all_reduce(out, group=self.replicas)
         out.div_(self.world_size)
+
+    def broadcast_from_node0(self, t: torch.Tensor, device: torch.device) -> None:
+        """Node 0's values of a host tensor on every node (the replicas start equal, as DDP's broadcast
+        from rank 0 makes them); through ``device`` where the backend (NCCL) needs device tensors."""
+        if self.replicas is None or not t.numel():
+            return
+        src = dist.get_global_rank(self.replicas, 0)
+        if dist.get_backend(self.replicas) == "gloo":
+            dist.broadcast(t, src=src, group=self.replicas)
+            return
+        dev = t.to(device)
+        dist.broadcast(dev, src=src, group=self.replicas)
+        t.copy_(dev.cpu())
 
     def all_reduce(self, t: torch.Tensor, op: Any = None) -> torch.Tensor:
         """Over this node's ranks (shards); replicas hold the same values."""

@@ -89,6 +89,36 @@ class HostArena:
         self._raw = None
 
 
+class PinnedRange:
+    """Page-lock the pages under one tensor (data parallel: the part of a node-shared arena this rank
+    copies to its GPU; the rest is page-locked by the ranks that copy it)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self._ptr: int | None = None
+        if not t.numel() or not torch.cuda.is_available():
+            return
+        start = t.data_ptr() // PAGE * PAGE
+        end = _align(t.data_ptr() + t.numel() * t.element_size())
+        self._keep = t  # the mapping must outlive the registration
+        err = torch.cuda.cudart().cudaHostRegister(start, end - start, 1)
+        if int(err) != 0:
+            warnings.warn(f"cudaHostRegister of {end - start} bytes failed (cudaError {int(err)}); copies from it will be slower.", stacklevel=2)
+            return
+        self._ptr = start
+
+    def release(self) -> None:
+        if self._ptr is not None:
+            torch.cuda.cudart().cudaHostUnregister(self._ptr)
+            self._ptr = None
+        self._keep = None
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
 _CHUNK = 1 << 18  # elements: a 1 MiB fp32 scratch stays in cache between its two passes
 _scratch = threading.local()
 

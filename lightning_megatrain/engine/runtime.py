@@ -15,7 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .layer_fn import LayerCall, LayerFunction, strip_caches
-from .host import HostArena
+from .host import HostArena, PinnedRange
 from .layers import LayerClasses, find_layers
 from .stepper import Worker, check_optimizer, default_host_threads, enable_fused, make_waiting, restore_class, snapshot_groups, split_params, step_unit
 from .state import LeanState
@@ -164,7 +164,12 @@ class Runtime:
         self._shard: dict[int, Any] = {}  # data parallel: unit index -> UnitShard
         self._shm_files: list[str] = []
         self.streams = Streams(self.device)
-        self.worker = Worker(threads=config.host_threads if config.host_threads is not None else default_host_threads())
+        threads = config.host_threads
+        if threads is None:
+            # the node's cores are shared by its ranks: each worker takes its share, less the training thread
+            cores = default_host_threads() + 1
+            threads = max(1, cores // self.coll.size - 1) if self.coll is not None else cores - 1
+        self.worker = Worker(threads=threads)
         self.units: list[Unit] = []
         self._forwards: list[tuple[nn.Module, Any]] = []
         try:
@@ -293,8 +298,9 @@ class Runtime:
         if coll.rank == 0:
             self._shm_files.append(path)
         # gradient staging is per rank (each receives its own shard): kept out of the shared arena
+        # pinned later, each rank only the image bytes it copies to its GPU (_share_units)
         return Unit(
-            name, index, entries, dtype, pin=pin, staging=False, module=module, shared=path, fill=coll.rank == 0,
+            name, index, entries, dtype, pin=False, staging=False, module=module, shared=path, fill=coll.rank == 0,
             image_bytes=coll.chunk(nbytes) * coll.size,
         )
 
@@ -311,12 +317,22 @@ class Runtime:
             os.unlink(path)
         self._shm_files = []
         self._staging: dict[int, HostArena] = {}
+        self._pinned: list[PinnedRange] = []
         self._shard_params: dict[int, _ShardParam] = {}
         self._entry_of: dict[int, tuple[Unit, Entry]] = {}
         for unit in self.units:
             shard = shard_unit(unit.entries, unit.nbytes, coll.rank, coll.size, coll.chunk(unit.nbytes))
             self._shard[unit.index] = shard
             unit.own = shard.ranges
+            if pin:
+                self._pinned.append(PinnedRange(unit.compute[shard.lo : shard.lo + shard.chunk]))
+            if coll.replicas is not None:
+                # every node starts from node 0's weights: each rank sends/receives what it owns
+                for e in unit.entries:
+                    a, b = shard.ranges.get(id(e), (0, 0))
+                    if b > a:
+                        coll.broadcast_from_node0(unit.store_view(e).view(-1)[a:b], self.device)
+                unit.refresh_compute(force=True)
             for e in unit.entries:
                 self._entry_of[id(e.param)] = (unit, e)
                 a, b = shard.ranges.get(id(e), (0, 0))
@@ -432,6 +448,10 @@ class Runtime:
         per_unit = split_params(optimizer, self._owner, len(self.units))
         state = None
         if self.coll is not None:
+            # every rank of the node is done reading the shared parameters and gradients (hooks) before
+            # any rank starts changing its part of them
+            self._wait_node()
+            self.coll.board.barrier(self.coll.timeout_s, "the optimizer step")
             # data parallel: each rank steps the elements it owns, with its own optimizer state for them
             per_unit = [[[self._shard_params[id(p)].param for p in ps if id(p) in self._shard_params] for ps in groups] for groups in per_unit]
             state = self._shard_state(optimizer)
@@ -502,6 +522,11 @@ class Runtime:
         self.wait()
 
     # ----------------------------------------------------------------- data parallel: what a rank owns
+    @property
+    def collective(self) -> Any:
+        """The data parallel groups (``engine.collective.Collective``), or None on one device."""
+        return self.coll
+
     def owned(self, param: torch.Tensor) -> tuple[int, int]:
         """The flat elements ``[lo, hi)`` of a module parameter this rank owns; ``(0, 0)`` if none. On one
         device every parameter is owned whole."""
@@ -557,16 +582,18 @@ class Runtime:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         with torch.no_grad():
             for g in grads:
-                g.mul_(coef)
-        self.wait()  # every rank has clipped its part before anyone reads the whole
+                g.mul_(coef)  # (the all-reduce above: every rank had finished reading the gradients)
+        self.coll.board.barrier(self.coll.timeout_s, "gradient clipping")  # ... and all are clipped now
         return total
 
     def clip_grad_value_(self, params: Sequence[torch.Tensor], clip_value: float) -> None:
         """``torch.nn.utils.clip_grad_value_``, each rank clamping the elements it owns."""
         self.wait()
+        self.coll.board.barrier(self.coll.timeout_s, "gradient clipping")  # nobody reads them any more
         with torch.no_grad():
             for g in self._owned_grads(list(params)):
                 g.clamp_(-clip_value, clip_value)
+        self.coll.board.barrier(self.coll.timeout_s, "gradient clipping")  # all are clipped now
 
     def shard_optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """``optimizer.state_dict()`` of what this rank holds: per parameter (indexed as the optimizer's
@@ -1122,6 +1149,12 @@ class Runtime:
             unit.unbind()
             unit.detach()
         self.units = []
+        for pinned in getattr(self, "_pinned", []):
+            pinned.release()
+        self._pinned = []
+        for arena in getattr(self, "_staging", {}).values():
+            arena.release()
+        self._staging = {}
         for act in getattr(self, "_act_arenas", []):
             act.release()
         self._act_arenas = []
