@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import lightning.pytorch as pl
 import torch
@@ -59,6 +59,22 @@ class MegaTrainPrecision(Precision):
         else:
             yield
 
+    # In data parallel the gradients are views of node-shared memory that every rank of the node sees:
+    # clipping them in place on each rank would scale them once per rank. The runtime clips with the
+    # global norm (all-reduce of the shards' norms), each rank changing only the elements it owns, and
+    # no rank changes its part while another still reads the whole (hooks) or reads it half clipped.
+    def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        if self.runtime is None or self.runtime.collective is None:
+            super().clip_grad_by_norm(optimizer, clip_val)
+            return
+        self.runtime.clip_grad_norm_(list(self.main_params(optimizer)), clip_val)
+
+    def clip_grad_by_value(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        if self.runtime is None or self.runtime.collective is None:
+            super().clip_grad_by_value(optimizer, clip_val)
+            return
+        self.runtime.clip_grad_value_(list(self.main_params(optimizer)), clip_val)
+
     def optimizer_step(  # type: ignore[override]
         self, optimizer: Optimizer, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any
     ) -> Any:
@@ -68,3 +84,4 @@ class MegaTrainPrecision(Precision):
         assert self.runtime is not None, "MegaTrainPrecision is used through MegaTrainStrategy"
         self.runtime.step(optimizer, **kwargs)
         return closure_result
+

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import os
+import time
 from collections.abc import Generator, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins import CheckpointIO
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import ParallelStrategy, Strategy
+
+# The launchers Lightning's own DDPStrategy uses (``devices=N`` starts N-1 more processes, or spawns
+# N). Lightning exports them only under these private names and has no public alternative.
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -39,10 +49,37 @@ from .precision import MegaTrainPrecision
 log = logging.getLogger(__name__)
 
 
-class MegaTrainStrategy(SingleDeviceStrategy):
+# Optimizers whose update of an element reads only that element's gradient, state and hyperparameters:
+# in data parallel each rank steps only its own slice of every parameter (its shard), so an optimizer
+# that looks at whole tensors (norms, factored second moments, orthogonalisation) would compute
+# something else. Exact classes: a subclass may change ``step``.
+ELEMENTWISE_OPTIMIZERS: tuple[type[Optimizer], ...] = (
+    torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad, torch.optim.Adadelta,
+    torch.optim.RMSprop, torch.optim.Rprop, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
+    torch.optim.ASGD,
+)
+
+
+def check_elementwise_optimizer(optimizer: Optimizer) -> None:
+    """Refuse, in data parallel, an optimizer whose update is not elementwise (see ``ELEMENTWISE_OPTIMIZERS``)."""
+    if type(optimizer) not in ELEMENTWISE_OPTIMIZERS:
+        names = ", ".join(f"torch.optim.{c.__name__}" for c in ELEMENTWISE_OPTIMIZERS)
+        raise ValueError(
+            f"megatrain with several devices shards every parameter across the ranks and each rank steps only its "
+            f"slice, so the optimizer must update each element from that element alone. {type(optimizer).__name__} "
+            f"is not known to be elementwise; use one of {names}, or train on one device (devices=1)."
+        )
+
+
+class MegaTrainStrategy(ParallelStrategy):
     """Train models larger than GPU memory on one GPU: host memory holds fp32 masters, gradients and
     optimizer state; each layer's weights stream to the device just in time and are recomputed in
     backward; the optimizer runs on the host, overlapped with the next forward.
+
+    With ``Trainer(devices=N, num_nodes=M)`` it trains data parallel on torch.distributed (NCCL on
+    GPUs, gloo on the CPU): the ranks of a node share one copy of the host state, each owning 1/N of
+    every layer (see docs/distributed.md). With one device nothing of this runs: no process group, no
+    launcher, no environment variables.
 
     Args:
         layer_cls: the classes (or class names, or ``"module.Class"`` paths) of the layers to stream.
@@ -86,6 +123,16 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         host_threads: intra-op threads of the host worker (optimizer step, gradient accumulation).
             Default: all cores but one, so the thread that launches the GPU's kernels keeps a core; with
             several ranks per node, each rank takes its share of the cores less one.
+        device: the one device to train on (``int``: that CUDA device). Lightning sets the devices from
+            ``Trainer(devices=...)`` otherwise.
+        parallel_devices: the devices of this node, one process each (Lightning sets them from
+            ``Trainer(devices=N)``).
+        cluster_environment: how ranks and the main address are found (Lightning picks torchrun,
+            SLURM, ... or its own launcher's).
+        process_group_backend: the torch.distributed backend; default ``"nccl"`` on CUDA, ``"gloo"`` on the CPU.
+        timeout: how long a collective may wait for the other ranks before it fails.
+        start_method: ``"popen"`` starts the script again for each extra device (as ``strategy="ddp"``);
+            ``"spawn"``, ``"fork"``, ``"forkserver"`` start processes with multiprocessing.
     """
 
     strategy_name = "megatrain"
@@ -112,6 +159,11 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         checkpoint_io: Optional[CheckpointIO] = None,
         precision_plugin: Optional[Precision] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = timedelta(minutes=30),
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be an integer >= 1 (layers copied ahead), got {prefetch!r}")
@@ -129,12 +181,21 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             )
         if async_checkpoint and checkpoint_format != "sharded":
             raise ValueError("async_checkpoint=True needs checkpoint_format='sharded'")
-        self._device_given = device is not None
+        if device is not None and parallel_devices:
+            raise ValueError("pass either device (one device) or parallel_devices, not both")
+        if start_method not in ("popen", "spawn", "fork", "forkserver"):
+            raise ValueError(f"start_method must be 'popen', 'spawn', 'fork' or 'forkserver', got {start_method!r}")
         if isinstance(device, int):
             device = torch.device("cuda", device)
+        self._devices: Optional[list[torch.device]] = [torch.device(device)] if device is not None else None
+        self._num_nodes = 1
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._start_method = start_method
         super().__init__(
-            device=device if device is not None else "cpu",
             accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
@@ -164,19 +225,69 @@ class MegaTrainStrategy(SingleDeviceStrategy):
     @property
     def parallel_devices(self) -> Optional[list[torch.device]]:
         # Lightning hands a strategy built from a registry name its devices through this attribute.
-        return [self.root_device] if self._device_given else None
+        return self._devices
 
     @parallel_devices.setter
     def parallel_devices(self, devices: Optional[list[torch.device]]) -> None:
         if not devices:
             return
-        if len(devices) > 1:
-            raise ValueError(
-                f"strategy='megatrain' trains on one device, but {len(devices)} were requested ({devices}). "
-                "Pass devices=1 (or devices=[k] for GPU k)."
-            )
-        self._root_device = torch.device(devices[0])
-        self._device_given = True
+        self._devices = [torch.device(d) for d in devices]
+
+    @property
+    def root_device(self) -> torch.device:
+        if not self._devices:
+            return torch.device("cpu")
+        if len(self._devices) == 1:
+            return self._devices[0]
+        return self._devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        """Processes (devices) on each node."""
+        return len(self._devices) if self._devices else 1
+
+    @property
+    def is_distributed(self) -> bool:
+        """More than one process trains (Lightning then gives each rank its share of the data)."""
+        return self.num_nodes * self.num_processes > 1
+
+    # One process: rank 0 of 1, whatever a cluster environment around it says (as a single-device strategy).
+    @property
+    def global_rank(self) -> int:
+        return super().global_rank if self.is_distributed else 0
+
+    @property
+    def local_rank(self) -> int:
+        return super().local_rank if self.is_distributed else 0
+
+    @property
+    def node_rank(self) -> int:
+        return super().node_rank if self.is_distributed else 0
+
+    @property
+    def world_size(self) -> int:
+        return super().world_size if self.is_distributed else 1
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
+
+    @property
+    def process_group_backend(self) -> Optional[str]:
+        return self._process_group_backend
+
+    @property
+    def collective(self) -> Any:
+        """The engine's :class:`~lightning_megatrain.engine.collective.Collective` (None on one device)."""
+        return getattr(self.config, "collective", None)
 
     @property
     def precision_plugin(self) -> MegaTrainPrecision:
@@ -201,6 +312,126 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         assert self.model is not None
         place_states(self.model, self.root_device)
 
+    # ------------------------------------------------------------------ processes (data parallel only)
+    def _configure_launcher(self) -> None:
+        if not self.is_distributed:
+            self._launcher = None
+            return
+        # Lightning calls this once it knows the devices and nodes: the earliest point to refuse options
+        # data parallel does not support, before any process starts or anything is allocated.
+        if self.host_memory == "lean":
+            raise ValueError(
+                "host_memory='lean' is not supported with several devices (its bf16 optimizer state is not sharded "
+                "across ranks). Use host_memory='compact' or 'fast', or train on one device."
+            )
+        if self.async_checkpoint:
+            raise ValueError(
+                "async_checkpoint=True is not supported with several devices: every rank writes its shards of a "
+                "checkpoint while training waits. Use async_checkpoint=False, or train on one device."
+            )
+        assert self.cluster_environment is not None
+        if self._start_method == "popen":
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
+
+    def set_world_ranks(self) -> None:
+        """Tell the cluster environment (and ``rank_zero_only``) this process's rank, as ``strategy="ddp"`` does."""
+        if not self.is_distributed:
+            return
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
+
+    def setup_environment(self) -> None:
+        if self.is_distributed and self.root_device.type == "cuda":
+            torch.cuda.set_device(self.root_device)
+        super().setup_environment()
+        if self.is_distributed:
+            self._setup_distributed()
+
+    def _setup_distributed(self) -> None:
+        """Join (or start) the process group, then build the engine's node and replica groups."""
+        from .engine.collective import Collective
+
+        reset_seed()  # as strategy="ddp": every rank restarts from the global seed (same dropout streams)
+        self.set_world_ranks()
+        if not dist.is_initialized():
+            assert self.cluster_environment is not None
+            backend = self._process_group_backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
+            os.environ["MASTER_ADDR"] = self.cluster_environment.main_address
+            os.environ["MASTER_PORT"] = str(self.cluster_environment.main_port)
+            kwargs: dict[str, Any] = {"timeout": self._timeout} if self._timeout is not None else {}
+            if self.root_device.type == "cuda":
+                kwargs["device_id"] = self.root_device
+            log.info("megatrain: initializing torch.distributed (%s), rank %d of %d", backend, self.global_rank, self.world_size)
+            dist.init_process_group(backend, rank=self.global_rank, world_size=self.world_size, **kwargs)
+            if backend == "nccl":
+                atexit.register(_destroy_process_group)  # as Lightning does: torch warns about NCCL groups left
+        self._process_group_backend = dist.get_backend()
+        if dist.get_world_size() != self.world_size:
+            raise RuntimeError(
+                f"torch.distributed has {dist.get_world_size()} ranks, but Trainer(devices={self.num_processes}, "
+                f"num_nodes={self.num_nodes}) makes {self.world_size}; launch one process per device."
+            )
+        self.config.collective = Collective.from_world(ranks_per_node=self.num_processes, timeout=self._timeout)
+
+    def _end_distributed(self) -> None:
+        """Release the node groups. The process group stays, as with ``strategy="ddp"``: a later
+        ``trainer.test()`` or Trainer in this process uses it (under torchrun a destroyed default group
+        cannot be created again: the launcher's store still holds the old group's addresses)."""
+        collective = getattr(self.config, "collective", None)
+        if collective is not None:
+            self.config.collective = None
+            close = getattr(collective, "close", None)
+            if close is not None:
+                close()
+
+    # ------------------------------------------------------------------ communication (identity on one device)
+    def barrier(self, name: Optional[str] = None) -> None:
+        if not self.is_distributed or not dist.is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not self.is_distributed or not dist.is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
+        """Sum or mean (default) of ``tensor`` over the ranks; other values are returned unchanged."""
+        if not self.is_distributed or not isinstance(tensor, Tensor) or not dist.is_initialized():
+            return tensor
+        mean = reduce_op is None or (isinstance(reduce_op, str) and reduce_op.lower() in ("mean", "avg"))
+        if isinstance(reduce_op, str) and not mean:
+            op = getattr(dist.ReduceOp, reduce_op.upper())
+        elif mean or reduce_op == dist.ReduceOp.AVG:
+            op, mean = dist.ReduceOp.SUM, True  # gloo has no AVG
+        else:
+            op = reduce_op
+        out = tensor.clone()
+        dist.all_reduce(out, op=op, group=group)
+        if mean:
+            n = dist.get_world_size(group)
+            out = out / n if not torch.is_floating_point(out) else out.div_(n)
+        return out
+
+    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        if not self.is_distributed:
+            return tensor
+        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        if not self.is_distributed:
+            return decision
+        return super().reduce_boolean_decision(decision, all=all)
+
     # ------------------------------------------------------------------ setup / teardown
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
@@ -210,6 +441,8 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             self.setup_optimizers(trainer)
             for optimizer in self.optimizers:
                 check_optimizer(optimizer)
+                if self.is_distributed:
+                    check_elementwise_optimizer(optimizer)
         precision = self.precision_plugin
         precision.device_type = self.root_device.type
         self.config.grads = fitting
@@ -223,10 +456,11 @@ class MegaTrainStrategy(SingleDeviceStrategy):
                     f"megatrain found no stack of repeated layers in {type(self.model).__name__}: nothing is streamed "
                     "and the whole model is bound on the device each step. Pass layer_cls to name the layers."
                 )
+            per_rank = {"ranks_per_node": self.num_processes, "nodes": self.num_nodes} if self.is_distributed else {}
             self.memory_plan = plan_memory(
                 self.model, layers, precision.compute_dtype, self.root_device, self.config.prefetch, self.optimizers,
                 fitting, batch_tokens=self.plan_batch_tokens, host_memory=self.config.host_memory,
-                host_memory_reason=host_memory_reason, grad_channels=self.config.grad_channels,
+                host_memory_reason=host_memory_reason, grad_channels=self.config.grad_channels, **per_rank,
             )
             rank_zero_info(str(self.memory_plan))
             if self.check_memory:
@@ -245,7 +479,11 @@ class MegaTrainStrategy(SingleDeviceStrategy):
             self._finish_save()  # a failed background write is raised here at the latest
         finally:
             self._detach()
-            super().teardown()
+            if self.is_distributed:
+                self._end_distributed()
+                super().teardown()  # ParallelStrategy: the cluster environment's teardown too
+            else:
+                Strategy.teardown(self)  # as a single-device strategy: environment untouched
 
     def _detach(self) -> None:
         if self.runtime is not None:
@@ -489,6 +727,8 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         save.wait()  # CheckpointWriteError naming the path and the cause
 
     def on_exception(self, exception: BaseException) -> None:
+        if self.is_distributed:
+            self._fail_distributed(exception)
         try:
             self._finish_save()  # a checkpoint already being written is completed, not lost
         except Exception as err:  # noqa: BLE001 - do not hide the exception being handled
@@ -496,3 +736,74 @@ class MegaTrainStrategy(SingleDeviceStrategy):
         finally:
             self._detach()
         super().on_exception(exception)
+
+    def _fail_distributed(self, exception: BaseException) -> None:
+        """Make every rank fail now, naming the first one that failed.
+
+        A rank that fails first marks itself failed on its node's board (ranks of the node waiting on
+        host work see it at once) and tears its process group down, so peers blocked in a collective get
+        an error instead of waiting for the timeout. A rank that fails because of another (a collective
+        broke under it) adds that rank's name to its own error instead.
+        """
+        collective = self.collective
+        board = getattr(collective, "board", None)
+        cause = None
+        if board is not None:
+            if _looks_collective(exception):
+                # a collective broke under this rank: name the rank that failed first, which marks itself
+                # before its process group goes (give it a moment)
+                deadline = time.monotonic() + 2.0
+                while cause is None and time.monotonic() < deadline:
+                    cause = _failed_peer(board, collective)
+                    if cause is None:
+                        time.sleep(0.05)
+            if cause is None:
+                board.mark_failed()  # this rank's own error: the others name it
+        if cause is not None:
+            _add_to_message(exception, f"megatrain: {cause}")
+            log.error("megatrain: rank %d stops: %s", self.global_rank, cause)
+        else:
+            log.error("megatrain: rank %d failed (%s: %s); stopping the other ranks", self.global_rank, type(exception).__name__, exception)
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()  # peers blocked in a collective with this rank error out now
+            except Exception as err:  # noqa: BLE001 - the exception being handled is the one to report
+                log.debug("destroying the process group after a failure: %s", err)
+        if collective is not None:
+            self.config.collective = None
+
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _looks_collective(exception: BaseException) -> bool:
+    """Whether the error came from a collective or a wait on other ranks (so another rank may be the cause)."""
+    from .engine.collective import CollectiveError
+
+    if isinstance(exception, (CollectiveError, getattr(dist, "DistError", CollectiveError))):
+        return True
+    text = str(exception).lower()
+    return any(w in text for w in ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out"))
+
+
+def _failed_peer(board: Any, collective: Any) -> Optional[str]:
+    """A sentence naming a rank of this node that failed or died, or None."""
+    from .engine.collective import CollectiveError
+
+    for r in range(collective.size):
+        try:
+            board.check([r], what="the other ranks")
+        except CollectiveError as err:
+            return f"rank {collective.node * collective.size + r} failed first: {err}"
+    return None
+
+
+def _add_to_message(exception: BaseException, note: str) -> None:
+    """Put ``note`` in front of the exception's message (what the user sees and logs)."""
+    if exception.args and isinstance(exception.args[0], str):
+        exception.args = (f"{note}\n{exception.args[0]}", *exception.args[1:])
+    elif hasattr(exception, "add_note"):
+        exception.add_note(note)

@@ -1,0 +1,186 @@
+"""One process of a data-parallel test run (tests/test_distributed.py launches it).
+
+    python -m torch.distributed.run --standalone --nproc_per_node=K tests/dist_worker.py SCENARIOS OUTDIR
+
+SCENARIOS is a comma-separated list (see ``SCENARIOS`` below). For each, the process trains the same model,
+data and seed with plain ``strategy="ddp"`` and with ``strategy="megatrain"`` (fp32, ``devices=K`` on the
+CPU, gloo) and writes what it saw to ``OUTDIR/<scenario>-rank<r>.pt``: per strategy the losses of its
+micro-batches, the gradient norm seen in ``on_before_optimizer_step``, the first token of every sample it
+got, the final parameters, the elements of optimizer state it holds, and facts about the launch. The
+``fault`` scenario has rank 1 raise in ``training_step`` at step 3; every rank writes its error to
+``OUTDIR/fault-rank<r>.err``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/models.py
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+
+import lightning_megatrain  # noqa: E402,F401  (registers "megatrain")
+from lightning_megatrain import MegaTrainStrategy  # noqa: E402
+from models import HFLM, BlockLM, data  # noqa: E402
+
+
+class ManualBlockLM(BlockLM):
+    """Manual optimization: accumulate two micro-batches, clip by norm, step, schedule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        loss = self.loss(batch)
+        self.losses.append(loss.item())
+        self.manual_backward(loss / 2)
+        if (batch_idx + 1) % 2 == 0:
+            self.clip_gradients(opt, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+        return loss
+
+
+class FailingBlockLM(BlockLM):
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.global_step == 3 and self.trainer.global_rank == 1:
+            raise RuntimeError("rank 1 fails on purpose at step 3")
+        return super().training_step(batch, batch_idx)
+
+
+class Probe(Callback):
+    """What each rank saw: its samples, its optimizer state, the launch."""
+
+    def __init__(self) -> None:
+        self.samples: list[list[int]] = []
+        self.facts: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        self.facts.update(
+            dist_initialized=dist.is_initialized(),
+            dist_world=dist.get_world_size() if dist.is_initialized() else 1,
+            global_rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            sampler=type(getattr(loader, "sampler", None)).__name__,
+            pid=os.getpid(),
+        )
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.samples.append(batch[0][:, 0].tolist())
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        strategy = trainer.strategy
+        runtime = getattr(strategy, "runtime", None)
+        state_numel = 0
+        for opt in trainer.optimizers:
+            if runtime is not None and hasattr(runtime, "shard_optimizer_state"):
+                state = runtime.shard_optimizer_state(opt)["state"]
+                values = [(k, v) for s in state.values() for k, v in s.items()]
+                self.facts["shard_api"] = True
+            else:  # before the engine shards: what this rank's optimizer holds
+                values = [(k, v) for s in opt.state.values() for k, v in s.items()]
+                self.facts["shard_api"] = False
+            state_numel += sum(v.numel() for k, v in values if isinstance(v, torch.Tensor) and k != "step")
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        collective = getattr(strategy, "collective", None)
+        self.facts.update(
+            state_numel=state_numel,
+            trainable_numel=trainable,
+            collective=(collective.rank, collective.size) if collective is not None else None,
+            launcher=type(strategy.launcher).__name__ if strategy.launcher is not None else None,
+        )
+
+
+def fit(make: Callable[[], BlockLM], strategy: Any, k: int, **kwargs: Any) -> dict[str, Any]:
+    L.seed_everything(0)
+    model = make()
+    probe = Probe()
+    options: dict[str, Any] = dict(
+        accelerator="cpu", devices=k, max_steps=4, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[probe],
+    )
+    options.update(kwargs)
+    L.Trainer(strategy=strategy, **options).fit(model, data(n=24, batch_size=4))
+    return {
+        "losses": model.losses,
+        "norms": model.norms,
+        "samples": probe.samples,
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "facts": {**probe.facts, "dist_initialized_after": dist.is_initialized()},
+    }
+
+
+def llama() -> HFLM:
+    return HFLM("llama", layers=2)
+
+
+def sgd_blocks() -> BlockLM:
+    model = BlockLM(d=32)
+    model.opt_name = "sgd"
+    return model
+
+
+# scenario -> (model, megatrain first?, Trainer options); megatrain runs first in "auto" so that it starts the
+# process group itself (and ends it); later scenarios find the group "ddp" left and must leave it.
+SCENARIOS: dict[str, tuple[Callable[[], Any], bool, dict[str, Any]]] = {
+    "auto": (llama, True, dict(accumulate_grad_batches=2, gradient_clip_val=0.5, max_steps=3)),
+    "clip_value": (sgd_blocks, False, dict(gradient_clip_val=0.02, gradient_clip_algorithm="value")),
+    "manual": (ManualBlockLM, False, dict(max_steps=6)),
+}
+
+
+def run_pair(name: str, k: int, out: Path) -> None:
+    make, mega_first, kwargs = SCENARIOS[name]
+    results: dict[str, Any] = {}
+    order = ("megatrain", "ddp") if mega_first else ("ddp", "megatrain")
+    for strategy in order:
+        # the registry name once (as users write it), an instance otherwise
+        strat: Any = strategy if strategy == "ddp" or name == "auto" else MegaTrainStrategy()
+        start = time.perf_counter()
+        results[strategy] = fit(make, strat, k, **kwargs)
+        results[strategy]["seconds"] = time.perf_counter() - start
+    torch.save(results, out / f"{name}-rank{dist.get_rank()}.pt")
+
+
+def run_fault(k: int, out: Path) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        L.seed_everything(0)
+        model = FailingBlockLM()
+        ckpt = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=2, save_top_k=-1)
+        L.Trainer(
+            strategy=MegaTrainStrategy(timeout=timedelta(seconds=30)), accelerator="cpu", devices=k, max_steps=8,
+            logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[ckpt],
+        ).fit(model, data(n=24, batch_size=2))
+    except BaseException as err:
+        (out / f"fault-rank{rank}.err").write_text(f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
+        raise
+    (out / f"fault-rank{rank}.err").write_text("no error\n")
+
+
+def main() -> None:
+    names, out = sys.argv[1].split(","), Path(sys.argv[2])
+    k = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "2")))
+    for name in names:
+        if name == "fault":
+            run_fault(k, out)
+        else:
+            run_pair(name, k, out)
+
+
+if __name__ == "__main__":
+    main()
