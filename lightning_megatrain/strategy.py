@@ -329,6 +329,12 @@ class MegaTrainStrategy(ParallelStrategy):
                 "async_checkpoint=True is not supported with several devices: every rank writes its shards of a "
                 "checkpoint while training waits. Use async_checkpoint=False, or train on one device."
             )
+        if self.checkpoint_format != "sharded":
+            raise ValueError(
+                "checkpoint_format='single_file' is not supported with several devices: each rank holds only its "
+                "share of the optimizer state, which a single file written by rank 0 would lose. Use the default "
+                "checkpoint_format='sharded' (convert it to one file afterwards: python -m lightning_megatrain.checkpoint convert DIR OUT.ckpt)."
+            )
         assert self.cluster_environment is not None
         if self._start_method == "popen":
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
@@ -608,7 +614,30 @@ class MegaTrainStrategy(ParallelStrategy):
             # Lightning loads the optimizer state after the weights: refuse a mismatch before either changes
             for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", [])):
                 check_optimizer_state(optimizer, state)
+        if self.collective is not None and self.runtime is not None:
+            self._load_owned(checkpoint["state_dict"])
+            return
         super().load_model_state_dict(checkpoint, strict=strict)
+
+    def _load_owned(self, state_dict: Mapping[str, Any]) -> None:
+        """Data parallel: the parameters are the node's shared memory; each rank writes the elements it
+        owns (buffers are each rank's own), then waits until the node's ranks have all written theirs."""
+        assert self.lightning_module is not None and self.runtime is not None
+        params = dict(self.lightning_module.named_parameters(remove_duplicate=False))
+        rest = {}
+        with torch.no_grad():
+            for name, value in state_dict.items():
+                p = params.get(name)
+                if p is None:
+                    rest[name] = value
+                    continue
+                lo, hi = self.runtime.owned(p)
+                if hi > lo:
+                    p.view(-1)[lo:hi].copy_(value.reshape(-1)[lo:hi])
+        if rest:
+            self.lightning_module.load_state_dict(rest, strict=False)
+        collective = self.collective
+        collective.board.barrier(collective.timeout_s, "loading the checkpoint's weights")
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         # Optimizer state stays on the host (Lightning's default moves it to the root device).
