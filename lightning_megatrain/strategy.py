@@ -504,8 +504,17 @@ class MegaTrainStrategy(ParallelStrategy):
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self._check_save()
+        if self.collective is not None:
+            self._broadcast_buffers()
         with self._bound():
             return super().training_step(*args, **kwargs)
+
+    def _broadcast_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm statistics) on every rank before each training step, as DDP's
+        default ``broadcast_buffers=True`` does: the ranks then compute as DDP's do."""
+        assert self.lightning_module is not None
+        for b in self.lightning_module.buffers():
+            dist.broadcast(b, src=0)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         with self._bound():

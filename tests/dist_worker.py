@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/models.p
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
 import lightning_megatrain  # noqa: E402,F401  (registers "megatrain")
@@ -52,6 +53,21 @@ class ManualBlockLM(BlockLM):
             opt.zero_grad()
             sched.step()
         return loss
+
+
+class BatchNormLM(BlockLM):
+    """A BatchNorm on the embeddings: under DDP every rank starts each step from rank 0's running statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(16)
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.bn((self.emb(idx) * self.gain).transpose(1, 2)).transpose(1, 2)
+        mask = torch.ones(idx.shape, device=idx.device)
+        for block in self.blocks:
+            x = block(x, scale=0.5, mask=mask)
+        return self.head(self.norm(x))
 
 
 class FailingBlockLM(BlockLM):
@@ -120,6 +136,7 @@ def fit(make: Callable[[], BlockLM], strategy: Any, k: int, **kwargs: Any) -> di
         "norms": model.norms,
         "samples": probe.samples,
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
         "facts": {**probe.facts, "dist_initialized_after": dist.is_initialized()},
     }
 
@@ -140,6 +157,7 @@ SCENARIOS: dict[str, tuple[Callable[[], Any], bool, dict[str, Any]]] = {
     "auto": (llama, True, dict(accumulate_grad_batches=2, gradient_clip_val=0.5, max_steps=3)),
     "clip_value": (sgd_blocks, False, dict(gradient_clip_val=0.02, gradient_clip_algorithm="value")),
     "manual": (ManualBlockLM, False, dict(max_steps=6)),
+    "batchnorm": (BatchNormLM, False, dict(max_steps=3)),
 }
 
 

@@ -26,7 +26,7 @@ from models import BlockLM, data, trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
-SCENARIOS = ("auto", "clip_value", "manual")
+SCENARIOS = ("auto", "clip_value", "manual", "batchnorm")
 # tests/models.py assert_same_training's rtol; atol 1e-5 rather than 1e-6: the gradient is summed in another
 # order than DDP's all-reduce (reduce-scatter, then / world size), and Adam turns that rounding on a near-zero
 # gradient into up to ~1e-6 of a weight (seen: 1.6e-6 on one element of 2048, 3 ranks, lr 1e-2 = 1e3 x that)
@@ -87,6 +87,11 @@ def test_same_training_as_ddp(run: dict[str, Any], scenario: str) -> None:
         for name, p in plain["params"].items():
             torch.testing.assert_close(mega["params"][name], p, rtol=RTOL, atol=ATOL,
                                        msg=lambda m, n=name: f"{scenario} rank {r} {n}: {m}")
+        # buffers too (BatchNorm statistics: rank 0's at the start of every step, as DDP broadcasts them)
+        assert mega["buffers"].keys() == plain["buffers"].keys()
+        for name, b in plain["buffers"].items():
+            torch.testing.assert_close(mega["buffers"][name], b, rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, n=name: f"{scenario} rank {r} buffer {n}: {m}")
 
 
 @pytest.mark.parametrize("scenario", ["auto", "clip_value"])  # AdamW (2 states per element), SGD momentum (1)

@@ -131,7 +131,7 @@ class Collective:
     name: str = ""  # unique per job and node: the prefix of this node's shared-memory files
     timeout_s: float = 1800.0
     board: NodeBoard | None = field(default=None, repr=False)
-    files: list[str] = field(default_factory=list, repr=False)
+    created: list[Any] = field(default_factory=list, repr=False)
 
     @classmethod
     def from_world(cls, ranks_per_node: int, timeout: timedelta | None = None, shm_dir: str | None = None) -> Collective:
@@ -141,16 +141,19 @@ class Collective:
             raise ValueError(f"world size {world} is not a multiple of the ranks per node ({ranks_per_node})")
         nodes = world // ranks_per_node
         node, local = divmod(rank, ranks_per_node)
+        created: list[Any] = []  # the subgroups made here (several nodes), destroyed by close()
         if nodes == 1:
             group, replicas = dist.group.WORLD, None
         else:
             group = replicas = None
             for n in range(nodes):  # every rank creates every group, in the same order
                 g = dist.new_group(list(range(n * ranks_per_node, (n + 1) * ranks_per_node)))
+                created.append(g)
                 if n == node:
                     group = g
             for lr in range(ranks_per_node):
                 g = dist.new_group([lr + n * ranks_per_node for n in range(nodes)])
+                created.append(g)
                 if lr == local:
                     replicas = g
         shm_dir = shm_dir or os.environ.get("MEGATRAIN_SHM_DIR", "/dev/shm")
@@ -159,6 +162,7 @@ class Collective:
         dist.broadcast_object_list(token, src=node * ranks_per_node, group=group)
         timeout_s = timeout.total_seconds() if timeout is not None else 1800.0
         out = cls(group, local, ranks_per_node, world, rank, node, replicas, shm_dir, f"megatrain-{token[0]}-n{node}", timeout_s)
+        out.created = created
         path = out.shm_path("board")
         if local == 0:
             out.board = NodeBoard(path, local, ranks_per_node, create=True)
@@ -169,6 +173,12 @@ class Collective:
         if local == 0:
             os.unlink(path)  # every rank has it mapped: nothing is left behind, whatever happens next
         return out
+
+    def close(self) -> None:
+        """Destroy the subgroups this made (every rank calls it, as for their creation)."""
+        for g in self.created:
+            dist.destroy_process_group(g)
+        self.created = []
 
     # ------------------------------------------------------------------ shared memory
     def shm_path(self, what: str) -> str:
