@@ -502,6 +502,25 @@ class MegaTrainStrategy(ParallelStrategy):
     def _bound(self) -> Any:
         return self.runtime.bound() if self.runtime is not None else contextlib.nullcontext()
 
+    def process_dataloader(self, dataloader: Any) -> Any:
+        """With several devices every forward all-gathers each layer, so every rank must run the same
+        number of batches: refuse, before the loop, a loader that gives ranks different numbers (e.g.
+        ``trainer.predict``, whose sampler does not pad)."""
+        if self.is_distributed and dist.is_initialized():
+            try:
+                n = len(dataloader)
+            except TypeError:  # an iterable dataset: its length is the user's to keep equal
+                n = -1
+            counts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(counts, n)
+            if len(set(counts)) > 1:
+                raise ValueError(
+                    f"with several devices megatrain needs the same number of batches on every rank (each forward "
+                    f"is a collective), but the ranks got {counts}. Make the dataset size a multiple of the world size "
+                    "times the batch size (trainer.predict does not pad), or run it with devices=1."
+                )
+        return dataloader
+
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self._check_save()
         if self.collective is not None:
@@ -677,6 +696,13 @@ class MegaTrainStrategy(ParallelStrategy):
             super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
             return
         collective = getattr(self.config, "collective", None) if self.runtime is not None else None
+        if collective is None and self.is_distributed and "optimizer_states" in checkpoint:
+            raise RuntimeError(
+                "megatrain with several devices cannot save a training checkpoint after fit has ended: each rank's "
+                "share of the optimizer state lived in the training run. Save during fit (ModelCheckpoint, or "
+                "trainer.save_checkpoint in a hook such as on_train_end), or save weights only with "
+                "trainer.save_checkpoint(path, weights_only=True)."
+            )
         if collective is not None:
             # data parallel: every rank writes its share into one directory (each rank holds only its
             # elements of the optimizer state); rank 0 writes the indexes and publishes it

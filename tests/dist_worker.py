@@ -190,12 +190,39 @@ def run_fault(k: int, out: Path) -> None:
     (out / f"fault-rank{rank}.err").write_text("no error\n")
 
 
+def run_refusals(k: int, out: Path) -> None:
+    """What data parallel refuses at run time, with a message: a training checkpoint after fit (the ranks'
+    optimizer state is gone; weights only still work) and a predict loader that gives ranks different
+    numbers of batches."""
+    seen = []
+    L.seed_everything(0)
+    model = BlockLM()
+    trainer = L.Trainer(strategy=MegaTrainStrategy(), accelerator="cpu", devices=k, max_steps=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, data(n=24, batch_size=4))
+    try:
+        trainer.save_checkpoint(out / "after-fit")
+        seen.append("after-fit: saved")
+    except RuntimeError as err:
+        seen.append(f"after-fit: {err}")
+    trainer.save_checkpoint(out / "after-fit-weights", weights_only=True)
+    seen.append(f"weights-only: {(out / 'after-fit-weights').exists()}")
+    try:
+        trainer.predict(model, data(n=k * 4 + 1, batch_size=4))  # one more sample than the ranks can share
+        seen.append("predict: ran")
+    except ValueError as err:
+        seen.append(f"predict: {err}")
+    (out / f"refusals-rank{os.environ['RANK']}.txt").write_text("\n".join(seen))
+
+
 def main() -> None:
     names, out = sys.argv[1].split(","), Path(sys.argv[2])
     k = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "2")))
     for name in names:
         if name == "fault":
             run_fault(k, out)
+        elif name == "refusals":
+            run_refusals(k, out)
         else:
             run_pair(name, k, out)
 

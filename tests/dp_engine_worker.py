@@ -25,6 +25,15 @@ def loss_of(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
 
 
+class AuxStack(Stack):
+    """An auxiliary head (on the output side of the layer stack) that only rank 0's loss uses: ranks differ
+    in which head parameters get a gradient, yet must take part in the same collectives."""
+
+    def __init__(self) -> None:
+        super().__init__(n=5, d=8, p=0.0)
+        self.aux = nn.Linear(8, 1)
+
+
 def close(got: torch.Tensor, want: torch.Tensor, bf16: bool, what: str) -> None:
     """fp32: to float noise. bf16 (weights and gradients streamed in bf16, gradients summed over ranks in
     bf16): the tensor as a whole must agree to 5%. On this 8-wide model one process is already 1.2% off
@@ -42,8 +51,9 @@ def run(coll: Collective, scenario: str, steps: int = 4, micro: int = 2, per_ran
     dev = DEVICE
     bf16 = scenario == "bf16"
     torch.manual_seed(0)
-    ref = Stack(n=5, d=8, p=0.0).to(dev)
-    model = Stack(n=5, d=8, p=0.0)
+    make_model = AuxStack if scenario == "aux" else (lambda: Stack(n=5, d=8, p=0.0))
+    ref = make_model().to(dev)
+    model = make_model()
     model.load_state_dict(ref.state_dict())
     if scenario == "frozen":
         for m in (ref, model):
@@ -67,11 +77,18 @@ def run(coll: Collective, scenario: str, steps: int = 4, micro: int = 2, per_ran
         opt.zero_grad()
         for _ in range(micro):
             idx = torch.randint(0, 32, (per_rank * world, 6), generator=g).to(dev)
+            first = idx[:per_rank]
             with ctx():
-                (loss_of(ref, idx) / micro).backward()
+                loss = loss_of(ref, idx)
+                if scenario == "aux":  # rank 0's auxiliary loss, averaged over the ranks as DDP averages
+                    loss = loss + ref.aux(ref.emb(first)).mean() / world
+                (loss / micro).backward()
             mine = idx[rank * per_rank : (rank + 1) * per_rank]
             with rt.bound(), ctx():
-                (loss_of(model, mine) / micro).backward()
+                loss = loss_of(model, mine)
+                if scenario == "aux" and rank == 0:
+                    loss = loss + model.aux(model.emb(mine)).mean()
+                (loss / micro).backward()
             rt.after_backward()
         # every rank sees the whole, averaged gradient
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):

@@ -45,10 +45,11 @@ def launch(k: int, scenarios: str, out: Path, timeout: float) -> tuple[subproces
 def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     k = request.param
     out = tmp_path_factory.mktemp(f"dp{k}")
-    proc, _ = launch(k, ",".join(SCENARIOS), out, timeout=300)
+    proc, _ = launch(k, ",".join((*SCENARIOS, "refusals")), out, timeout=300)
     assert proc.returncode == 0, f"the {k}-process run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     results = {s: [torch.load(out / f"{s}-rank{r}.pt", weights_only=False) for r in range(k)] for s in SCENARIOS}
-    return {"k": k, "results": results}
+    refusals = [(out / f"refusals-rank{r}.txt").read_text() for r in range(k)]
+    return {"k": k, "results": results, "refusals": refusals}
 
 
 # ------------------------------------------------------------------ the launch itself (no engine work needed)
@@ -105,6 +106,16 @@ def test_optimizer_state_is_sharded(run: dict[str, Any], scenario: str) -> None:
     assert sum(shares) == total, f"{scenario}: ranks hold {shares}, together {sum(shares)}, one copy is {total}"
     for r, share in enumerate(shares):
         assert abs(share - total / k) <= 0.05 * total / k, f"{scenario}: rank {r} holds {share} of {total} ({k} ranks)"
+
+
+def test_refused_at_run_time(run: dict[str, Any]) -> None:
+    """A training checkpoint after fit is refused with a message (no silently empty optimizer state); a
+    weights-only one is written; predict with a different number of batches per rank is refused before it
+    starts (every forward is a collective) instead of hanging."""
+    for r, seen in enumerate(run["refusals"]):
+        assert "after-fit: megatrain with several devices cannot save a training checkpoint" in seen, (r, seen)
+        assert "weights-only: True" in seen, (r, seen)
+        assert "predict: with several devices megatrain needs the same number of batches" in seen, (r, seen)
 
 
 # ------------------------------------------------------------------ faults

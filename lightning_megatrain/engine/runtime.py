@@ -332,7 +332,8 @@ class Runtime:
                     a, b = shard.ranges.get(id(e), (0, 0))
                     if b > a:
                         coll.broadcast_from_node0(unit.store_view(e).view(-1)[a:b], self.device)
-                unit.refresh_compute(force=True)
+                unit._synced = {}  # every streamed copy from node 0's values, frozen ones too
+                unit.refresh_compute()
             for e in unit.entries:
                 self._entry_of[id(e.param)] = (unit, e)
                 a, b = shard.ranges.get(id(e), (0, 0))
@@ -342,6 +343,7 @@ class Runtime:
             if unit.staging is None and unit in (self.outer_in, self.outer_out) and shard.gchunk:
                 self._staging[unit.index] = HostArena([(shard.gchunk, torch.float32)], pin=pin)
         self._shard_by_piece = {id(sp.param): sp for sp in self._shard_params.values()}
+        self.worker.watch = lambda: coll.board.check(what="this rank's host work")
         self._steps = 0  # optimizer steps launched; the node's board says how many each rank finished
         self._backwards = 0
         self._shard_states: dict[int, Any] = {}
@@ -758,6 +760,10 @@ class Runtime:
     def _grad_final(self, outer: _OuterCopy, leaf: torch.Tensor) -> None:
         if len(outer.bindings) != 1 or outer.leaves is not outer.bindings[0]:
             return  # several bindings in this step (manual optimization): after_backward sums them
+        if self.coll is not None:
+            # data parallel: whether every leaf got a gradient may differ between ranks, and the send is a
+            # collective: every rank sends in after_backward, in the same order
+            return
         outer.fired.add(id(leaf))
         trainable = [leaf for leaf, e in zip(outer.leaves, outer.unit.entries) if e.goffset is not None]
         if all(id(t) in outer.fired for t in trainable):
@@ -809,6 +815,10 @@ class Runtime:
                 packed[e.goffset : e.goffset + e.numel].add_(leaf.grad.reshape(-1))
                 leaf.grad = None
                 produced[i] = True
+        if packed is None and self.coll is not None and unit.gnumel:
+            # data parallel: the reduce-scatter is a collective every rank takes part in, with zeros if
+            # this rank's loss did not reach these parameters
+            packed = torch.zeros(unit.gnumel, dtype=torch.float32, device=self.device)
         if packed is not None:
             if self.coll is not None:
                 shard = self._shard[unit.index]
@@ -857,7 +867,15 @@ class Runtime:
         done.record(streams.d2h)
         self._stats.d2h_bytes += dev.numel() * dev.element_size()
 
+        board = self.coll.board if self.coll is not None else None
+
         def task(dev: torch.Tensor = dev) -> None:  # holds the device buffer until its copy is done
+            if board is not None:
+                # behind a reduce-scatter: a peer that died would block synchronize() for good (NCCL does
+                # not notice a dead peer on its node); poll, and fail naming it
+                while not done.query():
+                    board.check(what="a gradient reduce-scatter")
+                    time.sleep(2e-4)
             done.synchronize()
             start = time.perf_counter()
             if shard is not None:
@@ -1154,6 +1172,12 @@ class Runtime:
             unit.unbind()
             unit.detach()
         self.units = []
+        for path in getattr(self, "_shm_files", []):  # a setup that failed before every rank mapped them
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self._shm_files = []
         for pinned in getattr(self, "_pinned", []):
             pinned.release()
         self._pinned = []

@@ -63,6 +63,9 @@ class Worker:
         self._error: BaseException | None = None
         self._closed = False
         self.threads: int | None = None  # the cap in effect on the worker thread
+        # called while a wait blocks (every second): raises if what the tasks wait on can never come
+        # (data parallel: a rank of the node died), instead of waiting for good
+        self.watch: Callable[[], None] | None = None
         cap = threads if threads is not None and per_thread_intra_op() else None
         default = torch.get_num_threads()
         started = threading.Event()
@@ -89,6 +92,8 @@ class Worker:
                 if not self._thread.is_alive():
                     raise WorkerError("the megatrain host worker thread is gone; its pending tasks will never finish")
                 self._cond.wait(1.0)
+                if self.watch is not None and self._done < target and self._error is None:
+                    self.watch()
             self._raise()
 
     def check(self) -> None:

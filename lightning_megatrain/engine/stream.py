@@ -25,6 +25,9 @@ class _NoEvent:
     def synchronize(self) -> None:
         pass
 
+    def query(self) -> bool:
+        return True
+
 
 class Streams:
     """The H2D and D2H streams of one device, created once; compute runs on the caller's current stream."""
