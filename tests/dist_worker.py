@@ -129,9 +129,14 @@ def fit(make: Callable[[], BlockLM], strategy: Any, k: int, **kwargs: Any) -> di
         accelerator="cpu", devices=k, max_steps=4, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[probe],
     )
+    validate = kwargs.pop("validate", False)
     options.update(kwargs)
-    L.Trainer(strategy=strategy, **options).fit(model, data(n=24, batch_size=4))
+    trainer = L.Trainer(strategy=strategy, **options)
+    # validation at the end of each epoch (an epoch is 6 / k steps): forwards on every rank, in the fit
+    trainer.fit(model, data(n=24, batch_size=4), data(n=8 * k, batch_size=4, seed=7) if validate else None)
+    val = trainer.callback_metrics.get("val_loss")
     return {
+        "val_loss": None if val is None else float(val),
         "losses": model.losses,
         "norms": model.norms,
         "samples": probe.samples,
@@ -155,7 +160,7 @@ def sgd_blocks() -> BlockLM:
 # process group itself (and ends it); later scenarios find the group "ddp" left and must leave it.
 SCENARIOS: dict[str, tuple[Callable[[], Any], bool, dict[str, Any]]] = {
     "auto": (llama, True, dict(accumulate_grad_batches=2, gradient_clip_val=0.5, max_steps=3)),
-    "clip_value": (sgd_blocks, False, dict(gradient_clip_val=0.02, gradient_clip_algorithm="value")),
+    "clip_value": (sgd_blocks, False, dict(gradient_clip_val=0.02, gradient_clip_algorithm="value", validate=True)),
     "manual": (ManualBlockLM, False, dict(max_steps=6)),
     "batchnorm": (BatchNormLM, False, dict(max_steps=3)),
 }

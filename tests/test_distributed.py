@@ -88,6 +88,10 @@ def test_same_training_as_ddp(run: dict[str, Any], scenario: str) -> None:
         for name, p in plain["params"].items():
             torch.testing.assert_close(mega["params"][name], p, rtol=RTOL, atol=ATOL,
                                        msg=lambda m, n=name: f"{scenario} rank {r} {n}: {m}")
+        # validation inside the fit (clip_value): the same logged loss as DDP on each rank
+        assert (mega["val_loss"] is None) == (plain["val_loss"] is None) == (scenario != "clip_value"), (scenario, r)
+        if plain["val_loss"] is not None:
+            torch.testing.assert_close(mega["val_loss"], plain["val_loss"], rtol=RTOL, atol=ATOL)
         # buffers too (BatchNorm statistics: rank 0's at the start of every step, as DDP broadcasts them)
         assert mega["buffers"].keys() == plain["buffers"].keys()
         for name, b in plain["buffers"].items():
