@@ -14,6 +14,7 @@ got, the final parameters, the elements of optimizer state it holds, and facts a
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 import traceback
@@ -74,6 +75,18 @@ class FailingBlockLM(BlockLM):
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         if self.global_step == 3 and self.trainer.global_rank == 1:
             raise RuntimeError("rank 1 fails on purpose at step 3")
+        return super().training_step(batch, batch_idx)
+
+
+class KilledBlockLM(BlockLM):
+    """Rank 1 is killed (SIGKILL: no exception, no cleanup) at step 3."""
+
+    out: Path = Path(".")
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.global_step == 3 and self.trainer.global_rank == 1:
+            (self.out / "rank1.pid").write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
         return super().training_step(batch, batch_idx)
 
 
@@ -220,12 +233,30 @@ def run_refusals(k: int, out: Path) -> None:
     (out / f"refusals-rank{os.environ['RANK']}.txt").write_text("\n".join(seen))
 
 
+def run_kill(k: int, out: Path) -> None:
+    """Launched without torchrun (Lightning's own launcher starts the other ranks): rank 1 is killed."""
+    L.seed_everything(0)
+    model = KilledBlockLM()
+    KilledBlockLM.out = out
+    trainer = L.Trainer(
+        strategy=MegaTrainStrategy(timeout=timedelta(seconds=30)), accelerator="cpu", devices=k, max_steps=8,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )
+    try:
+        trainer.fit(model, data(n=24, batch_size=2))
+    except BaseException as err:
+        (out / f"kill-rank{trainer.global_rank}.err").write_text(f"{type(err).__name__}: {err}")
+        raise
+
+
 def main() -> None:
     names, out = sys.argv[1].split(","), Path(sys.argv[2])
     k = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "2")))
     for name in names:
         if name == "fault":
             run_fault(k, out)
+        elif name == "kill":
+            run_kill(k, out)
         elif name == "refusals":
             run_refusals(k, out)
         else:

@@ -142,6 +142,26 @@ def test_a_failing_rank_stops_every_rank(tmp_path: Path) -> None:
     assert checkpoint["global_step"] == 2 and checkpoint["state_dict"]
 
 
+def test_a_killed_rank_stops_every_rank(tmp_path: Path) -> None:
+    """Rank 1 is killed with SIGKILL mid-training under Lightning's own launcher (no torchrun agent to clean
+    up): the run ends promptly, non-zero, and what rank 0 reports names the dead rank (its pid)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "GROUP_RANK"):
+        env.pop(var, None)
+    env["LOCAL_WORLD_SIZE"] = "2"  # read by the worker script only
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "dist_worker.py"), "kill", str(tmp_path)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - start
+    log = f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode != 0, log
+    assert seconds < 60, f"took {seconds:.0f} s\n{log}"
+    pid = (tmp_path / "rank1.pid").read_text()
+    err0 = tmp_path / "kill-rank0.err"
+    said = (err0.read_text() if err0.exists() else "") + log
+    assert f"rank 1 failed first: local rank 1 (pid {pid}) is gone" in said, said
+
+
 def test_peer_error_names_the_rank_that_failed(tmp_path: Path) -> None:
     """The fault bookkeeping without processes: a rank whose collective broke names the rank marked failed."""
     from lightning_megatrain.engine.collective import NodeBoard
