@@ -49,7 +49,7 @@ def close(got: torch.Tensor, want: torch.Tensor, bf16: bool, what: str) -> None:
 def run(coll: Collective, scenario: str, steps: int = 4, micro: int = 2, per_rank: int = 2) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     dev = DEVICE
-    bf16 = scenario == "bf16"
+    bf16 = scenario in ("bf16", "lora")
     torch.manual_seed(0)
     make_model = AuxStack if scenario == "aux" else (lambda: Stack(n=5, d=8, p=0.0))
     ref = make_model().to(dev)
@@ -59,6 +59,12 @@ def run(coll: Collective, scenario: str, steps: int = 4, micro: int = 2, per_ran
         for m in (ref, model):
             m.layers[0].requires_grad_(False)
             m.head.bias.requires_grad_(False)
+    if scenario == "lora":  # adapter-style: the layers' matrices frozen and stored in bf16, the rest trained in fp32
+        for m in (ref, model):
+            for layer in m.layers:
+                for lin in (layer.mix, layer.fc, layer.out):
+                    lin.weight.requires_grad_(False)
+                    lin.weight.data = lin.weight.data.to(torch.bfloat16)
     if rank > 0:  # a different init on the other ranks: the node's copy is rank 0's, as DDP broadcasts it
         with torch.no_grad():
             for p in model.parameters():
@@ -181,7 +187,7 @@ def main() -> None:
             no_sync(coll)
             continue
         # bf16: one step (the gradients, their norm, one update): later steps compare bf16 noise compounded
-        run(coll, scenario, steps=1 if scenario == "bf16" else 4)
+        run(coll, scenario, steps=1 if scenario in ("bf16", "lora") else 4)
     dist.barrier()
     dist.destroy_process_group()
 
