@@ -337,10 +337,6 @@ def plan_memory(
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"plan_memory needs {name} to be a positive int (GPUs per node, nodes), got {value!r}")
     dp = ranks_per_node * nodes > 1
-    if dp and host_memory == "lean":
-        raise ValueError(
-            "host_memory='lean' is not supported with data parallel (more than one rank): plan with 'fast' or 'compact'"
-        )
     layer_numels, layer_trainable, layer_images = [], [], []
     layer_ids: set[int] = set()
     store = {"trainable": 0, "frozen": 0, "cast": 0}  # host bytes: fp32 masters, frozen as stored, compute copies
@@ -415,11 +411,15 @@ def plan_memory(
 
         largest_image = max(layer_images, default=0)
         largest_grads = ssize * max(layer_trainable, default=0)
-        shared = {k: v for k, v in host.items() if k not in ("optimizer state (estimate)", "gradient staging")}
-        private = {
-            f"optimizer state, 1/{n} (est.)": state * -(-trainable // n),
-            f"gradient staging (1/{n})": chunk(4 * outer_trainable) + n_channels * chunk(largest_grads),
+        per_rank_state = {
+            "optimizer state (estimate)": (f"optimizer state, 1/{n} (est.)", state * -(-trainable // n)),
+            "optimizer state, bf16 (estimate)": (f"optimizer state, bf16, 1/{n} (est.)", state // 2 * -(-trainable // n)),
+            # a rank widens only its pieces of a layer: 1/N of one layer's state
+            "fp32 scratch of one layer's state": (f"fp32 scratch of 1/{n} layer's state", -(-host.get("fp32 scratch of one layer's state", 0) // n)),
         }
+        shared = {k: v for k, v in host.items() if k not in per_rank_state and k != "gradient staging"}
+        private = {name: v for k, (name, v) in per_rank_state.items() if k in host}
+        private[f"gradient staging (1/{n})"] = chunk(4 * outer_trainable) + n_channels * chunk(largest_grads)
         host = {**shared, **{f"{k} x {n} ranks": n * v for k, v in private.items()}}
         dev = {
             "weight slots (whole layers)": n_slots * n * chunk(largest_image),

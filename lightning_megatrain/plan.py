@@ -224,9 +224,6 @@ def report(
         "largest Llama-shaped model that fits",
     ]
     for mode in MODES:
-        if mode == "lean":
-            rows.append(f"{mode:<12}{'refused in data parallel':>37}")
-            continue
         plan = plan_for(model, mode, host_bytes, gpu_bytes, tokens, prefetch, ranks_per_node=n, nodes=nodes)
         best = largest_llama(mode, host_bytes, gpu_bytes, tokens, prefetch, ranks_per_node=n, nodes=nodes)
         largest = "none" if best is None else f"{_human(best.params)} (hidden {best.hidden}, {best.layers} layers)"
@@ -238,7 +235,7 @@ def report(
         f"total = shared + {n} x per rank. shared: one copy per node (fp32 masters, fp32 gradients, streamed image) in "
         "/dev/shm, which must have room for it; per rank: its 1/N of the optimizer state and its gradient staging"
     )
-    rows.append("fast: bf16 host copy streamed; compact: fp32 masters streamed (same numbers); lean: not with data parallel")
+    rows.append("fast: bf16 host copy streamed; compact: fp32 masters streamed (same numbers); lean: compact + bf16 optimizer state")
     return "\n".join(rows)
 
 

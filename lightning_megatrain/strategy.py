@@ -319,11 +319,6 @@ class MegaTrainStrategy(ParallelStrategy):
             return
         # Lightning calls this once it knows the devices and nodes: the earliest point to refuse options
         # data parallel does not support, before any process starts or anything is allocated.
-        if self.host_memory == "lean":
-            raise ValueError(
-                "host_memory='lean' is not supported with several devices (its bf16 optimizer state is not sharded "
-                "across ranks). Use host_memory='compact' or 'fast', or train on one device."
-            )
         if self.async_checkpoint:
             raise ValueError(
                 "async_checkpoint=True is not supported with several devices: every rank writes its shards of a "

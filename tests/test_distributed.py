@@ -240,7 +240,7 @@ def test_devices_configure_data_parallel_without_starting_it() -> None:
     assert t.strategy.num_nodes == 2 and t.strategy.distributed_sampler_kwargs["num_replicas"] == 4
 
 
-@pytest.mark.parametrize("option", [dict(host_memory="lean"), dict(async_checkpoint=True), dict(checkpoint_format="single_file")])
+@pytest.mark.parametrize("option", [dict(async_checkpoint=True), dict(checkpoint_format="single_file")])
 def test_refused_with_several_devices(option: dict[str, Any]) -> None:
     trainer(MegaTrainStrategy(**option))  # one device: fine
     with pytest.raises(ValueError, match="not supported with several devices"):

@@ -27,6 +27,6 @@ def launch(nproc: int, *scenarios: str, timeout: float = 240, cuda: bool = False
 
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_data_parallel_engine_matches_plain_training(nproc: int) -> None:
-    out = launch(nproc, "fp32", "value", "frozen", "bf16", "nodes", "aux", "lora")
-    for scenario in ("fp32", "value", "frozen", "bf16", "nodes", "aux", "lora"):
+    out = launch(nproc, "fp32", "value", "frozen", "bf16", "nodes", "aux", "lora", "lean")
+    for scenario in ("fp32", "value", "frozen", "bf16", "nodes", "aux", "lora", "lean"):
         assert f"OK {scenario}" in out, out

@@ -68,6 +68,14 @@ class _OuterCopy:
 
 
 @dataclass
+class _StateHolder:
+    """What ``LeanState`` reads of an optimizer (its ``state``), for a rank's own state in data parallel."""
+
+    state: Any
+    param_groups: list = field(default_factory=list)
+
+
+@dataclass
 class _ShardParam:
     """Data parallel: the elements ``[a, b)`` of one parameter this rank owns, as a parameter of their
     own (a view of the shared master) that the optimizer steps, with its own optimizer state."""
@@ -480,9 +488,13 @@ class Runtime:
                     gate(unit.index)
                 start = time.perf_counter()
                 if self.lean is not None:
+                    # data parallel: the rank's own state (keyed by its pieces) is what is held narrow
+                    holder = _StateHolder(state) if state is not None else optimizer
+                    if state is not None:
+                        self._shard_grads(params)
                     for piece in self.lean.chunks(params):
-                        with self.lean.widened(optimizer, [p for ps in piece for p in ps]):
-                            step_unit(optimizer, hparams, piece, kwargs)
+                        with self.lean.widened(holder, [p for ps in piece for p in ps]):
+                            step_unit(optimizer, hparams, piece, kwargs, state=state)
                 elif state is not None:
                     self._shard_grads(params)
                     step_unit(optimizer, hparams, params, kwargs, state=state)
@@ -648,6 +660,8 @@ class Runtime:
                 else:
                     held[name] = v
             state[sp.param] = held
+        if self.lean is not None:
+            self.lean.narrow(_StateHolder(state), [sp.param for sp in self._shard_params.values()])  # type: ignore[arg-type]
 
     def stats(self, reset: bool = True) -> Stats:
         """Transfer and host-time counters since the last call (the device stall time of copies that
