@@ -642,6 +642,21 @@ class MegaTrainStrategy(ParallelStrategy):
             return
         super().load_model_state_dict(checkpoint, strict=strict)
 
+    def _rank0_buffers(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """The state dict with rank 0's values of everything that is not a (shared) parameter: buffers are
+        each rank's own, and whichever rank writes one must write rank 0's, as DDP's checkpoint holds. The
+        ranks' live buffers are left as they are."""
+        assert self.lightning_module is not None
+        shared = {p.data_ptr() for p in self.lightning_module.parameters() if p.numel()}
+        out = dict(state_dict)
+        for name, t in state_dict.items():
+            if isinstance(t, Tensor) and t.numel() and t.data_ptr() not in shared:
+                # (NCCL moves device tensors only)
+                t = t.detach().to(self.root_device if dist.get_backend() == "nccl" else t.device, copy=True)
+                dist.broadcast(t, src=0)
+                out[name] = t
+        return out
+
     def _load_owned(self, state_dict: Mapping[str, Any]) -> None:
         """Data parallel: the parameters are the node's shared memory; each rank writes the elements it
         owns (buffers are each rank's own), then waits until the node's ranks have all written theirs."""
@@ -702,6 +717,8 @@ class MegaTrainStrategy(ParallelStrategy):
             # data parallel: every rank writes its share into one directory (each rank holds only its
             # elements of the optimizer state); rank 0 writes the indexes and publishes it
             runtime: Any = self.runtime
+            if "state_dict" in checkpoint:
+                checkpoint = {**checkpoint, "state_dict": self._rank0_buffers(checkpoint["state_dict"])}
             if "optimizer_states" in checkpoint:
                 checkpoint = {**checkpoint, "optimizer_states": [runtime.shard_optimizer_state(o) for o in self.optimizers]}
             owned = [[(*runtime.owned(p), tuple(p.shape)) for g in o.param_groups for p in g["params"]] for o in self.optimizers]
@@ -816,8 +833,18 @@ class MegaTrainStrategy(ParallelStrategy):
                     cause = _failed_peer(board, collective)
                     if cause is None:
                         time.sleep(0.05)
-            if cause is None:
-                board.mark_failed()  # this rank's own error: the others name it
+            if cause is None and _looks_collective(exception):
+                # no rank of this node failed first: the cause is elsewhere (a rank on another node, the
+                # network); say so, and do not let this node's other ranks blame this one
+                board.mark_failed(board.STOPPED)
+                cause = (
+                    "a collective with the other ranks failed and no rank of this node failed first: a rank on another "
+                    "node may have (see its log), or the network"
+                )
+            elif cause is None:
+                board.mark_failed(board.FAILED)  # this rank's own error: the others name it
+            else:
+                board.mark_failed(board.STOPPED)
         if cause is not None:
             _add_to_message(exception, f"megatrain: {cause}")
             log.error("megatrain: rank %d stops: %s", self.global_rank, cause)
@@ -854,7 +881,7 @@ def _failed_peer(board: Any, collective: Any) -> Optional[str]:
 
     for r in range(collective.size):
         try:
-            board.check([r], what="the other ranks")
+            board.check([r], what="the other ranks", blame_only=True)
         except CollectiveError as err:
             return f"rank {collective.node * collective.size + r} failed first: {err}"
     return None

@@ -90,6 +90,14 @@ class KilledBlockLM(BlockLM):
         return super().training_step(batch, batch_idx)
 
 
+class SaveAtEnd(Callback):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.save_checkpoint(self.path)
+
+
 class Probe(Callback):
     """What each rank saw: its samples, its optimizer state, the launch."""
 
@@ -143,6 +151,9 @@ def fit(make: Callable[[], BlockLM], strategy: Any, k: int, **kwargs: Any) -> di
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[probe],
     )
     validate = kwargs.pop("validate", False)
+    save_at_end = kwargs.pop("save_at_end", None)
+    if save_at_end is not None:  # a checkpoint written in on_train_end, named after the strategy
+        options["callbacks"] = [probe, SaveAtEnd(Path(save_at_end) / ("mega" if not isinstance(strategy, str) or strategy == "megatrain" else "ddp.ckpt"))]
     options.update(kwargs)
     trainer = L.Trainer(strategy=strategy, **options)
     # validation at the end of each epoch (an epoch is 6 / k steps): forwards on every rank, in the fit
@@ -187,7 +198,8 @@ def run_pair(name: str, k: int, out: Path) -> None:
         # the registry name once (as users write it), an instance otherwise
         strat: Any = strategy if strategy == "ddp" or name == "auto" else MegaTrainStrategy()
         start = time.perf_counter()
-        results[strategy] = fit(make, strat, k, **kwargs)
+        extra = {"save_at_end": out} if name == "batchnorm" else {}
+        results[strategy] = fit(make, strat, k, **kwargs, **extra)
         results[strategy]["seconds"] = time.perf_counter() - start
     torch.save(results, out / f"{name}-rank{dist.get_rank()}.pt")
 

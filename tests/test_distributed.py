@@ -35,7 +35,11 @@ RTOL, ATOL = 1e-5, 1e-5
 
 def launch(k: int, scenarios: str, out: Path, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}", str(WORKER), scenarios, str(out)]
+    # fault runs: the agent checks its workers every 5 s, so a failing rank's peers end by their own error
+    # (what the fault tests read) before the agent would stop them
+    monitor = ["--monitor-interval=5"] if "fault" in scenarios else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", *monitor, f"--nproc_per_node={k}",
+           str(WORKER), scenarios, str(out)]
     start = time.monotonic()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return proc, time.monotonic() - start
@@ -49,7 +53,7 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     assert proc.returncode == 0, f"the {k}-process run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     results = {s: [torch.load(out / f"{s}-rank{r}.pt", weights_only=False) for r in range(k)] for s in SCENARIOS}
     refusals = [(out / f"refusals-rank{r}.txt").read_text() for r in range(k)]
-    return {"k": k, "results": results, "refusals": refusals}
+    return {"k": k, "results": results, "refusals": refusals, "out": out}
 
 
 # ------------------------------------------------------------------ the launch itself (no engine work needed)
@@ -110,6 +114,20 @@ def test_optimizer_state_is_sharded(run: dict[str, Any], scenario: str) -> None:
     assert sum(shares) == total, f"{scenario}: ranks hold {shares}, together {sum(shares)}, one copy is {total}"
     for r, share in enumerate(shares):
         assert abs(share - total / k) <= 0.05 * total / k, f"{scenario}: rank {r} holds {share} of {total} ({k} ranks)"
+
+
+def test_checkpoint_holds_rank_0s_buffers(run: dict[str, Any]) -> None:
+    """Buffers are each rank's own: a data parallel checkpoint (whichever rank writes a tensor) holds rank 0's
+    BatchNorm statistics, as DDP's checkpoint (written by rank 0) does."""
+    from lightning_megatrain.checkpoint import load_sharded
+
+    out = run["out"]
+    mega = load_sharded(out / "mega")["state_dict"]
+    ddp = torch.load(out / "ddp.ckpt", weights_only=False)["state_dict"]
+    names = [n for n in ddp if n.startswith("bn.running")]
+    assert names, list(ddp)
+    for name in names:
+        torch.testing.assert_close(mega[name], ddp[name], rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_refused_at_run_time(run: dict[str, Any]) -> None:
@@ -185,7 +203,14 @@ def test_peer_error_names_the_rank_that_failed(tmp_path: Path) -> None:
     broken = RuntimeError("Connection closed by peer [127.0.0.1]:1234")
     strategy._fail_distributed(broken)
     assert str(broken).startswith("megatrain: rank 1 failed first") and "Connection closed" in str(broken)
-    assert int(board0.table[0, 3]) == 0  # not the cause: not marked
+    assert int(board0.table[0, 3]) == NodeBoard.STOPPED  # not the cause: marked stopped, never blamed
+
+    # a collective broke and no rank of this node failed first (a rank on another node did): nobody is blamed
+    board1.table[1, 3] = NodeBoard.STOPPED
+    strategy.config.collective = collective(board0)  # type: ignore[attr-defined]
+    elsewhere = RuntimeError("Connection closed by peer [10.0.0.2]:1234")
+    strategy._fail_distributed(elsewhere)
+    assert "no rank of this node failed first" in str(elsewhere) and "rank 1 failed" not in str(elsewhere)
     assert strategy.config.collective is None  # type: ignore[attr-defined]
 
 

@@ -57,6 +57,7 @@ class NodeBoard:
     """
 
     FIELDS = ("pid", "backward", "step", "failed", "arrive")
+    FAILED, STOPPED = 1, 2  # "failed": its own error; "stopped": a collective failed under it (not the cause)
 
     def __init__(self, path: str, rank: int, size: int, create: bool) -> None:
         self.rank, self.size, self.path = rank, size, path
@@ -88,14 +89,18 @@ class NodeBoard:
             time.sleep(delay)
             delay = min(delay * 2, 1e-2)
 
-    def check(self, ranks: list[int] | None = None, what: str = "its work") -> None:
-        """Raise :class:`CollectiveError` naming a rank of this node that failed or whose process is gone."""
+    def check(self, ranks: list[int] | None = None, what: str = "its work", blame_only: bool = False) -> None:
+        """Raise :class:`CollectiveError` naming a rank of this node that failed or whose process is gone
+        (``blame_only``: not one that only stopped because a collective failed under it)."""
         for r in ranks if ranks is not None else range(self.size):
             if r == self.rank:
                 continue
             pid = int(self.table[r, 0])
-            if int(self.table[r, 3]):
+            state = int(self.table[r, 3])
+            if state == self.FAILED:
                 raise CollectiveError(f"local rank {r} (pid {pid}) failed while this rank waited for {what}; see its log for the cause.")
+            if state == self.STOPPED and not blame_only:
+                raise CollectiveError(f"local rank {r} (pid {pid}) stopped (a collective failed under it) while this rank waited for {what}.")
             if pid and not _alive(pid):
                 raise CollectiveError(f"local rank {r} (pid {pid}) is gone (killed or crashed) while this rank waited for {what}.")
 
@@ -110,8 +115,8 @@ class NodeBoard:
     def failed(self, rank: int) -> bool:
         return bool(int(self.table[rank, 3]))
 
-    def mark_failed(self) -> None:
-        self.table[self.rank, 3] = 1
+    def mark_failed(self, state: int = 1) -> None:
+        self.table[self.rank, 3] = state
 
 
 @dataclass

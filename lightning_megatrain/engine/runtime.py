@@ -167,6 +167,10 @@ class Runtime:
                 )
         if before_alloc is not None:
             before_alloc(self.layers)
+        if config.collective is not None:
+            # every rank of the node has checked the plan against free memory before any allocates the
+            # node's shared arenas (a later check would count them as taken)
+            config.collective.barrier()
         pin = config.pin_memory and self.device.type == "cuda"
         self.coll = config.collective
         self._shard: dict[int, Any] = {}  # data parallel: unit index -> UnitShard
