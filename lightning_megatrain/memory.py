@@ -225,7 +225,8 @@ class MemoryPlan:
             )
         if self.host_memory_reason:
             rows.append(f"  host_memory={self.host_memory!r}: {self.host_memory_reason}")
-        if self.data_parallel:
+        dp = self.data_parallel
+        if dp:
             rows.append(f"  host per node (pinned when a GPU is used; {self.host_bytes_per_param:.1f} B/param):")
             rows.append(f"    shared by the node's {_count(n, 'rank')}, one copy in {self.shm_dir or 'shared memory'}:")
             rows += [f"      {k:<30}{_fmt(v):>12}" for k, v in self.host_shared.items()]
@@ -237,44 +238,33 @@ class MemoryPlan:
                 f"      {'private, per rank':<30}{_fmt(self.host_private_per_rank):>12}  "
                 f"(x {n} = {_fmt(n * self.host_private_per_rank)} per node)"
             )
-            rows.append(
-                f"    {'total per node':<32}{_fmt(self.host_total):>12}  (available now: {_fmt(self.host_available)} "
-                f"+ {_fmt(self.host_in_use)} held by the parameters)"
-            )
-            if "saved layer inputs" in self.device:
-                rows.append("  GPU per rank:")
-            else:
-                rows.append("  GPU per rank (before activations; pass plan_batch_tokens to include them):")
-            rows += [f"    {k:<32}{_fmt(v):>12}" for k, v in self.device.items()]
-            free = "not checked (CPU)" if self.device_free is None else _fmt(self.device_free)
-            rows.append(f"    {'total per rank':<32}{_fmt(self.device_total):>12}  (free now: {free})")
-            if self.stream_bytes:
-                rows.append(
-                    f"  host link per rank and micro-batch: {_fmt(self.transfer_bytes())} (its 1/{n} of each layer's weights in twice, "
-                    f"its 1/{n} of the layer gradients out); hidden behind compute from ~{self.tokens_to_hide_transfers():,} tokens "
-                    "per micro-batch (at 50 GB/s and 800 TFLOPS)"
-                )
-                across = f"; between nodes: {_fmt(self.internode_bytes)} (all-reduce of its gradient shards)" if self.nodes > 1 else ""
-                rows.append(
-                    f"  GPU to GPU per rank and micro-batch: {_fmt(self.gather_bytes)} (all-gather of the weights twice, "
-                    f"reduce-scatter of the layer gradients){across}"
-                )
-            rows.append(f"  fits: {'yes' if self.fits() else 'NO'}")
-            return "\n".join(rows)
-        rows.append(f"  host (pinned when a GPU is used; {self.host_bytes_per_param:.1f} B/param):")
-        rows += [f"    {k:<32}{_fmt(v):>12}" for k, v in self.host.items()]
+        else:
+            rows.append(f"  host (pinned when a GPU is used; {self.host_bytes_per_param:.1f} B/param):")
+            rows += [f"    {k:<32}{_fmt(v):>12}" for k, v in self.host.items()]
         rows.append(
-            f"    {'total':<32}{_fmt(self.host_total):>12}  (available now: {_fmt(self.host_available)} "
+            f"    {'total per node' if dp else 'total':<32}{_fmt(self.host_total):>12}  (available now: {_fmt(self.host_available)} "
             f"+ {_fmt(self.host_in_use)} held by the parameters)"
         )
+        device = "GPU per rank" if dp else "device"
         if "saved layer inputs" in self.device:
-            rows.append("  device:")
+            rows.append(f"  {device}:")
         else:
-            rows.append("  device (before activations; pass plan_batch_tokens to include them):")
+            rows.append(f"  {device} (before activations; pass plan_batch_tokens to include them):")
         rows += [f"    {k:<32}{_fmt(v):>12}" for k, v in self.device.items()]
         free = "not checked (CPU)" if self.device_free is None else _fmt(self.device_free)
-        rows.append(f"    {'total':<32}{_fmt(self.device_total):>12}  (free now: {free})")
-        if self.stream_bytes:
+        rows.append(f"    {'total per rank' if dp else 'total':<32}{_fmt(self.device_total):>12}  (free now: {free})")
+        if self.stream_bytes and dp:
+            rows.append(
+                f"  host link per rank and micro-batch: {_fmt(self.transfer_bytes())} (its 1/{n} of each layer's weights in twice, "
+                f"its 1/{n} of the layer gradients out); hidden behind compute from ~{self.tokens_to_hide_transfers():,} tokens "
+                "per micro-batch (at 50 GB/s and 800 TFLOPS)"
+            )
+            across = f"; between nodes: {_fmt(self.internode_bytes)} (all-reduce of its gradient shards)" if self.nodes > 1 else ""
+            rows.append(
+                f"  GPU to GPU per rank and micro-batch: {_fmt(self.gather_bytes)} (all-gather of the weights twice, "
+                f"reduce-scatter of the layer gradients){across}"
+            )
+        elif self.stream_bytes:
             rows.append(
                 f"  host link per micro-batch: {_fmt(self.transfer_bytes())} (weights in twice, layer gradients out); "
                 f"hidden behind compute from ~{self.tokens_to_hide_transfers():,} tokens per micro-batch "
