@@ -58,6 +58,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .engine.procs import pid_alive
+
 FORMAT = "lightning-megatrain/sharded"
 VERSION = 2  # the newest version this code reads; single-device saves write 1, data-parallel saves 2
 _VERSION_WHOLE = 1  # optimizer tensors stored whole (every reader since the first)
@@ -269,7 +271,7 @@ def remove_stale(directory: _PathLike) -> list[Path]:
         if m is None or (m["host"] not in (None, _HOST)):
             continue
         pid = int(m["pid"])
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         stale.append((m["kind"], entry, directory / m["name"]))
     done = []
@@ -306,16 +308,6 @@ def remove_checkpoint(path: _PathLike) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync_dir(path: Path) -> None:

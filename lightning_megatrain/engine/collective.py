@@ -25,25 +25,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .procs import pid_alive
+
 ALIGN = 64  # bytes: rank boundaries in an image fall on element boundaries for every dtype
 
 
 class CollectiveError(RuntimeError):
     """Another rank failed, died or did not arrive in time; the message names it."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed rank that Lightning's launcher (its parent, rank 0) has not reaped yet is a zombie
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
 
 
 class NodeBoard:
@@ -101,7 +89,7 @@ class NodeBoard:
                 raise CollectiveError(f"local rank {r} (pid {pid}) failed while this rank waited for {what}; see its log for the cause.")
             if state == self.STOPPED and not blame_only:
                 raise CollectiveError(f"local rank {r} (pid {pid}) stopped (a collective failed under it) while this rank waited for {what}.")
-            if pid and not _alive(pid):
+            if pid and not pid_alive(pid):
                 raise CollectiveError(f"local rank {r} (pid {pid}) is gone (killed or crashed) while this rank waited for {what}.")
 
     def barrier(self, timeout_s: float, what: str) -> None:
