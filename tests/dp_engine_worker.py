@@ -147,7 +147,7 @@ DEVICE = torch.device("cpu")
 def no_sync(coll: Collective) -> None:
     """GPU: a data parallel forward and backward (shard copies, all-gathers, reduce-scatters) run under
     ``torch.cuda.set_sync_debug_mode("error")`` and return while the GPU is still busy."""
-    import time
+    from test_gpu_claims import run_behind_busy_gpu
 
     model = Stack(n=3, d=256, p=0.0)
     rt = Runtime(model, DEVICE, torch.bfloat16, RuntimeConfig(prefetch=2, grad_channels=3, collective=coll))
@@ -162,17 +162,7 @@ def no_sync(coll: Collective) -> None:
     rt.after_backward()
     for p in model.parameters():
         p.grad = None
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(2e9))
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        start = time.perf_counter()
-        forward_backward()
-        host = time.perf_counter() - start
-        busy = not torch.cuda.current_stream().query()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    host, busy = run_behind_busy_gpu(forward_backward)
     rt.after_backward()
     assert busy and host < 0.5, (busy, host)
     assert all(p.grad is not None for p in model.parameters())

@@ -233,6 +233,23 @@ def test_event_ordering_holds_with_a_delayed_compute_stream(_strict_fp32: Any, o
 
 
 # ----------------------------------------------------------------------------- no host-device sync
+def run_behind_busy_gpu(fn: Any) -> tuple[float, bool]:
+    """Run ``fn`` while the GPU is busy (~1 s of queued work) under ``set_sync_debug_mode("error")`` (any
+    synchronising op raises): the host seconds it took, and whether the GPU was still busy at its end."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))  # ~1 s of GPU time on current GPUs
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        start = time.perf_counter()
+        fn()
+        host = time.perf_counter() - start
+        busy = not torch.cuda.current_stream().query()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return host, busy
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("offload", [False, True], ids=["saved-on-gpu", "offload"])
 def test_forward_backward_and_offload_issue_no_host_device_sync(offload: bool) -> None:
@@ -262,17 +279,7 @@ def test_forward_backward_and_offload_issue_no_host_device_sync(offload: bool) -
         for p in model.parameters():
             p.grad = None
         x.grad = None
-        torch.cuda.synchronize()
-        torch.cuda._sleep(int(2e9))  # ~1 s of GPU time on current GPUs
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            start = time.perf_counter()
-            forward_backward()
-            host = time.perf_counter() - start
-            still_busy = not torch.cuda.current_stream().query()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize()
+        host, still_busy = run_behind_busy_gpu(forward_backward)
         assert still_busy, "the GPU finished before the host returned: forward/backward waited for it"
         assert host < 0.25, f"forward + backward took {host:.3f}s of host time while the GPU was busy"
         rt.after_backward()
