@@ -839,10 +839,8 @@ class Runtime:
             packed = torch.zeros(unit.gnumel, dtype=torch.float32, device=self.device)
         if packed is not None:
             if self.coll is not None:
-                shard = self._shard[unit.index]
-                padded = torch.zeros(shard.gchunk * self.coll.size, dtype=packed.dtype, device=self.device)
-                for e, a, b, dst in shard.pack:
-                    padded[dst : dst + b - a].copy_(packed[e.goffset + a : e.goffset + b])
+                out = torch.empty(self._shard[unit.index].gchunk * self.coll.size, dtype=packed.dtype, device=self.device)
+                padded = self._pack_padded(unit, trainable, [packed[e.goffset : e.goffset + e.numel] for e in trainable], out)
                 self._send(unit, padded, self._staging[unit.index].buffers[0], produced, release=None)
                 return
             if unit.staging.dtype != packed.dtype:
