@@ -287,7 +287,7 @@ class MegaTrainStrategy(ParallelStrategy):
     @property
     def collective(self) -> Any:
         """The engine's :class:`~lightning_megatrain.engine.collective.Collective` (None on one device)."""
-        return getattr(self.config, "collective", None)
+        return self.config.collective
 
     @property
     def precision_plugin(self) -> MegaTrainPrecision:
@@ -382,12 +382,10 @@ class MegaTrainStrategy(ParallelStrategy):
         """Release the node groups. The process group stays, as with ``strategy="ddp"``: a later
         ``trainer.test()`` or Trainer in this process uses it (under torchrun a destroyed default group
         cannot be created again: the launcher's store still holds the old group's addresses)."""
-        collective = getattr(self.config, "collective", None)
+        collective = self.collective
         if collective is not None:
             self.config.collective = None
-            close = getattr(collective, "close", None)
-            if close is not None:
-                close()
+            collective.close()
 
     # ------------------------------------------------------------------ communication (identity on one device)
     def barrier(self, name: Optional[str] = None) -> None:
@@ -683,7 +681,7 @@ class MegaTrainStrategy(ParallelStrategy):
         states = checkpoint["optimizer_states"]
         for optimizer, state in zip(self.optimizers, states):
             check_optimizer_state(optimizer, state)
-        if self.runtime is not None and getattr(self.config, "collective", None) is not None:
+        if self.runtime is not None and self.collective is not None:
             # data parallel: each rank takes the elements it owns (from Pieces or from full tensors)
             for optimizer, state in zip(self.optimizers, states):
                 self.runtime.load_shard_optimizer_state(optimizer, state)  # type: ignore[union-attr]
@@ -705,7 +703,7 @@ class MegaTrainStrategy(ParallelStrategy):
         if self.checkpoint_format == "single_file":
             super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
             return
-        collective = getattr(self.config, "collective", None) if self.runtime is not None else None
+        collective = self.collective if self.runtime is not None else None
         if collective is None and self.is_distributed and "optimizer_states" in checkpoint:
             raise RuntimeError(
                 "megatrain with several devices cannot save a training checkpoint after fit has ended: each rank's "
@@ -722,7 +720,7 @@ class MegaTrainStrategy(ParallelStrategy):
             if "optimizer_states" in checkpoint:
                 checkpoint = {**checkpoint, "optimizer_states": [runtime.shard_optimizer_state(o) for o in self.optimizers]}
             owned = [[(*runtime.owned(p), tuple(p.shape)) for g in o.param_groups for p in g["params"]] for o in self.optimizers]
-            runtime.sync_node("a checkpoint save")  # the other ranks' updates of the shared weights are done
+            runtime.wait()  # also the node's other ranks: their updates of the shared weights are done
             save_sharded_distributed(
                 checkpoint, Path(filepath), owned, local_rank=collective.rank, local_size=collective.size, node=collective.node,
                 shard_bytes=self.checkpoint_shard_bytes, checksums=self.checkpoint_checksums,

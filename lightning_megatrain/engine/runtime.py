@@ -535,10 +535,6 @@ class Runtime:
         coll.board.wait_all("backward", self._backwards, coll.timeout_s, "its share of the gradients")
         coll.board.wait_all("step", self._steps, coll.timeout_s, "its share of the optimizer step")
 
-    def sync_node(self, what: str = "") -> None:
-        """Wait until every rank of the node has finished its pending host work (not a collective)."""
-        self.wait()
-
     # ----------------------------------------------------------------- data parallel: what a rank owns
     @property
     def collective(self) -> Any:
