@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import defaultdict
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +21,7 @@ from .layers import LayerClasses, find_layers
 from .stepper import Worker, check_optimizer, default_host_threads, enable_fused, make_waiting, restore_class, snapshot_groups, split_params, step_unit
 from .state import LeanState
 from .stream import ChannelPool, GradChannel, SlotPool, Streams
-from .units import Entry, Unit, assign_offsets, collect_entries
+from .units import Entry, Unit, assign_offsets, collect_entries, image_layout, stream_dtypes
 
 
 @dataclass
@@ -302,8 +303,6 @@ class Runtime:
         coll = self.coll
         if coll is None:
             return Unit(name, index, entries, dtype, pin=pin, staging=staging, module=module)
-        from .units import image_layout, stream_dtypes
-
         dtypes = stream_dtypes([e.param for e in entries], [e.goffset is not None for e in entries], dtype)
         nbytes = image_layout(dtypes, [e.numel for e in entries])[1]
         path = coll.shm_path(name)
@@ -553,8 +552,6 @@ class Runtime:
         return unit.own.get(id(e), (0, 0))
 
     def _shard_state(self, optimizer: Optimizer) -> Any:
-        from collections import defaultdict
-
         return self._shard_states.setdefault(id(optimizer), defaultdict(dict))
 
     def _shard_grads(self, params: list[list[torch.Tensor]]) -> None:
