@@ -149,14 +149,14 @@ def test_an_exception_inside_run_backward_releases_its_slot_and_channel(rt: Any,
     real_end = rt.slots.end_use
     monkeypatch.setattr(rt.slots, "end_use", lambda slot: (ended.append(slot), real_end(slot)))
 
-    real_send = rt._send
+    real_send = rt.link.send
 
     def broken_send(unit: Any, *args: Any, **kwargs: Any) -> None:
         if not unit.name.startswith("layer"):
             return real_send(unit, *args, **kwargs)  # the output side's gradients go home first
         raise RuntimeError("copy failed")
 
-    monkeypatch.setattr(rt, "_send", broken_send)
+    monkeypatch.setattr(rt.link, "send", broken_send)
     loss = _forward(rt, rt.model)
     ended.clear()
     with pytest.raises(RuntimeError, match="copy failed"):

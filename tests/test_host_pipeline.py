@@ -51,7 +51,7 @@ def test_grad_channels_option_is_exact(channels: int) -> None:
 def test_grad_channels_sets_the_pool_size() -> None:
     rt = Runtime(Stack(n=3), CPU, torch.float32, RuntimeConfig(grad_channels=4))
     try:
-        assert rt.channels._free.qsize() == 4 and len(rt._channel_arena.buffers) == 4
+        assert rt.channels._free.qsize() == 4 and len(rt.link.arena.buffers) == 4
     finally:
         rt.detach()
     with pytest.raises(ValueError, match="grad_channels must be"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_megatrain.engine import Runtime, RuntimeConfig
-from lightning_megatrain.engine import runtime as runtime_mod
+from lightning_megatrain.engine import saved_inputs as saved_mod
 from test_engine import Stack, _loss
 
 HIDDEN = torch.Size([3, 7, 8])
@@ -67,7 +67,7 @@ def test_offload_keeps_no_device_copy_of_the_layer_inputs() -> None:
 def test_offload_host_buffers_are_reused_across_sequence_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
     made: list[int] = []
     released: list[int] = []
-    real = runtime_mod.HostArena
+    real = saved_mod.HostArena
 
     class Counting(real):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -79,7 +79,7 @@ def test_offload_host_buffers_are_reused_across_sequence_lengths(monkeypatch: py
                 released.append(self.nbytes)
             super().release()
 
-    monkeypatch.setattr(runtime_mod, "HostArena", Counting)
+    monkeypatch.setattr(saved_mod, "HostArena", Counting)
     torch.manual_seed(0)
     model = Stack(n=3)
     rt = Runtime(model, torch.device("cpu"), torch.float32, RuntimeConfig(offload_activations=True))
@@ -93,11 +93,11 @@ def test_offload_host_buffers_are_reused_across_sequence_lengths(monkeypatch: py
         made.clear()  # the gradient channels' arenas
         step(64)
         assert len(made) == 3 and not released  # one arena per offloaded layer input
-        arenas = list(rt._act_arenas)
+        arenas = list(rt.saved.arenas)
         for length in (60, 33, 64, 52, 17):  # shorter ones fit in the arenas of the longest so far
             step(length)
         assert len(made) == 3 and not released
-        assert all(a is b for a, b in zip(rt._act_arenas, arenas))
+        assert all(a is b for a, b in zip(rt.saved.arenas, arenas))
         step(65)  # a longer sequence grows each arena to the next size class ...
         assert len(made) == 6 and len(released) == 3
         for length in (64, 70, 80):  # ... which then covers nearby lengths too
@@ -110,7 +110,7 @@ def test_offload_host_buffers_are_reused_across_sequence_lengths(monkeypatch: py
 def test_size_classes_waste_at_most_a_quarter() -> None:
     sizes = set()
     for n in range(1, 5000):
-        c = runtime_mod._size_class(n)
+        c = saved_mod.size_class(n)
         assert n <= c <= n * 1.25 + 1
         sizes.add(c)
     assert len(sizes) < 60  # few distinct sizes: varying lengths land on the same class

@@ -94,8 +94,8 @@ def test_non_layer_copies_are_made_once_per_optimizer_step(monkeypatch: pytest.M
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rt.attach_optimizer(opt)
     issued: list[str] = []
-    real = rt._issue_outer
-    monkeypatch.setattr(rt, "_issue_outer", lambda outer: (issued.append(outer.side), real(outer))[1])
+    real = rt.outer.issue
+    monkeypatch.setattr(rt.outer, "issue", lambda outer: (issued.append(outer.side), real(outer))[1])
     idx = torch.randint(0, 32, (2, 5))
     try:
         for step in range(2):
@@ -126,8 +126,8 @@ def test_output_side_gradients_go_home_before_the_layers_backward() -> None:
     model = Stack(n=3)
     rt = Runtime(model, CPU, torch.float32, RuntimeConfig())
     order: list[str] = []
-    real = rt._send
-    rt._send = lambda unit, *a, **k: (order.append(unit.name), real(unit, *a, **k))[1]  # type: ignore[method-assign]
+    real = rt.link.send
+    rt.link.send = lambda unit, *a, **k: (order.append(unit.name), real(unit, *a, **k))[1]  # type: ignore[method-assign]
     try:
         with rt.bound():
             loss = _loss(model, torch.randint(0, 32, (2, 5)))
@@ -258,7 +258,7 @@ def test_every_bind_waits_for_the_workers_copy_of_the_updated_weights(monkeypatc
     rt = Runtime(model, CPU, torch.float32, RuntimeConfig(host_memory="compact"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     rt.attach_optimizer(opt)
-    ready = {side: rt._outer[u.index].ready.id for side, u in (("in", rt.outer_in), ("out", rt.outer_out))}
+    ready = {side: rt.outer.copies[u.index].ready.id for side, u in (("in", rt.outer_in), ("out", rt.outer_out))}
     try:
         for step in range(3):
             log.clear()

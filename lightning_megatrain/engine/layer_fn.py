@@ -2,20 +2,36 @@
 
 Forward runs the layer without a graph and saves only its inputs. Backward re-binds the layer's
 weights, recomputes it with the RNG and autocast state the forward had, takes local gradients to
-the inputs and weights, and hands the weight gradients to the runtime, which sends them to the host.
+the inputs and weights, and hands the weight gradients to the layer streamer, which sends them home.
+This file knows only the ``LayerRunner`` protocol it calls (``streamer.py`` implements it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
     from .units import Unit
+
+
+class LayerRunner(Protocol):
+    """What the autograd node asks of whoever streams the layers."""
+
+    device: torch.device
+
+    def run_forward(self, call: LayerCall, tensors: Sequence[torch.Tensor]) -> Any: ...
+
+    def save_inputs(self, call: LayerCall, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor | None]: ...
+
+    def restore_inputs(self, call: LayerCall, kept: list[torch.Tensor | None]) -> list[torch.Tensor]: ...
+
+    def run_backward(
+        self, call: LayerCall, inputs: list[torch.Tensor], wrt: list[torch.Tensor], grad_outputs: Sequence[torch.Tensor | None]
+    ) -> list[torch.Tensor | None]: ...
 
 # Key-value caches would be appended to a second time by the recompute; training does not use them.
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
@@ -39,19 +55,19 @@ def strip_caches(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, 
 class LayerCall:
     """Everything one call of a layer needs to be replayed in backward."""
 
-    def __init__(self, runtime: Runtime, unit: Unit, fn: Any, args: tuple, kwargs: dict) -> None:
-        self.runtime = runtime
+    def __init__(self, runner: LayerRunner, unit: Unit, fn: Any, args: tuple, kwargs: dict) -> None:
+        self.runner = runner
         self.unit = unit
         self.fn = fn
         flat, self.in_spec = tree_flatten((args, kwargs))
         self.in_leaves = flat
         self.tensor_pos = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
         self.out_spec: Any = None
-        self.offloaded: dict[int, Any] = {}  # input position -> _Offloaded (activation offload)
+        self.offloaded: dict[int, Any] = {}  # input position -> saved_inputs.Offloaded
         self.seq = -1  # position among this step's offloading calls
         self.out_leaves: list[Any] = []
         self.out_pos: list[int] = []
-        device = runtime.device
+        device = runner.device
         self.device_type = device.type
         self.cpu_rng = torch.get_rng_state()
         self.dev_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -94,8 +110,8 @@ class LayerCall:
 
     def replay_context(self) -> Any:
         """RNG and autocast as they were in forward; the caller's RNG is restored afterwards."""
-        runtime = self.runtime
-        devices = [runtime.device] if self.dev_rng is not None else []
+        device = self.runner.device
+        devices = [device] if self.dev_rng is not None else []
         enabled, dtype, cache = self.autocast
 
         class _Ctx:
@@ -104,7 +120,7 @@ class LayerCall:
                 ctx_self.fork.__enter__()
                 torch.set_rng_state(self.cpu_rng)
                 if self.dev_rng is not None:
-                    torch.cuda.set_rng_state(self.dev_rng, runtime.device)
+                    torch.cuda.set_rng_state(self.dev_rng, device)
                 ctx_self.amp = torch.autocast(self.device_type, dtype=dtype, enabled=enabled, cache_enabled=cache)
                 ctx_self.amp.__enter__()
 
@@ -119,9 +135,9 @@ class LayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, call: LayerCall, anchor: torch.Tensor, *tensors: torch.Tensor) -> Any:  # type: ignore[override]
         ctx.call = call
-        out = call.runtime.run_forward(call, tensors)
+        out = call.runner.run_forward(call, tensors)
         outs = call.split_output(out)
-        kept = call.runtime.save_inputs(call, tensors)  # None where the input went to host memory
+        kept = call.runner.save_inputs(call, tensors)  # None where the input went to host memory
         ctx.kept = [t is not None for t in kept]
         ctx.save_for_backward(*[t for t in kept if t is not None])
         ctx.mark_non_differentiable(*[o for o in outs if not (o.is_floating_point() or o.is_complex())])
@@ -131,10 +147,10 @@ class LayerFunction(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> Any:  # type: ignore[override]
         call: LayerCall = ctx.call
         saved = iter(ctx.saved_tensors)
-        inputs = call.runtime.restore_inputs(call, [next(saved) if k else None for k in ctx.kept])
+        inputs = call.runner.restore_inputs(call, [next(saved) if k else None for k in ctx.kept])
         needs = ctx.needs_input_grad[2:]
         detached = [t.detach().requires_grad_(n) if n else t.detach() for t, n in zip(inputs, needs)]
-        grads = call.runtime.run_backward(call, detached, [t for t, n in zip(detached, needs) if n], grad_outputs)
+        grads = call.runner.run_backward(call, detached, [t for t, n in zip(detached, needs) if n], grad_outputs)
         it = iter(grads)
         ctx.call = None
         return (None, None, *[next(it) if n else None for n in needs])
