@@ -213,7 +213,7 @@ def test_async_deletes_older_checkpoints_only_after_the_new_one_is_published(tmp
         real_remove(path)
 
     monkeypatch.setattr(ck.writer, "_publish", publish)
-    monkeypatch.setattr("lightning_megatrain.strategy.remove_checkpoint_dir", remove)
+    monkeypatch.setattr("lightning_megatrain.checkpoint.strategy_io.remove_checkpoint_dir", remove)
     L.seed_everything(0)
     cb = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=1, filename="{step}")
     t = trainer(MegaTrainStrategy(async_checkpoint=True), max_steps=6, enable_checkpointing=True, callbacks=[cb])
