@@ -212,8 +212,8 @@ def test_async_deletes_older_checkpoints_only_after_the_new_one_is_published(tmp
         order.append(f"remove {Path(path).name}")
         real_remove(path)
 
-    monkeypatch.setattr(ck, "_publish", publish)
-    monkeypatch.setattr("lightning_megatrain.strategy.remove_checkpoint_dir", remove)
+    monkeypatch.setattr(ck.writer, "_publish", publish)
+    monkeypatch.setattr("lightning_megatrain.checkpoint.strategy_io.remove_checkpoint_dir", remove)
     L.seed_everything(0)
     cb = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=1, filename="{step}")
     t = trainer(MegaTrainStrategy(async_checkpoint=True), max_steps=6, enable_checkpointing=True, callbacks=[cb])
@@ -269,7 +269,7 @@ def test_any_save_removes_stale_temporaries_of_dead_processes_and_puts_back_a_mo
 def test_publish_without_exchange_undoes_a_failed_second_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "last.ckpt"
     ck.save_sharded({"state_dict": {"w": torch.zeros(3)}, "global_step": 1}, target)
-    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(ck.publish, "_exchange", lambda a, b: False)
     real_rename = os.rename
 
     def rename(a: Any, b: Any) -> None:
@@ -277,10 +277,10 @@ def test_publish_without_exchange_undoes_a_failed_second_rename(tmp_path: Path, 
             raise OSError(errno.EIO, "I/O error")
         real_rename(a, b)
 
-    monkeypatch.setattr(ck.os, "rename", rename)
+    monkeypatch.setattr(ck.publish.os, "rename", rename)
     with pytest.raises(CheckpointWriteError, match="I/O error"):
         ck.save_sharded({"state_dict": {"w": torch.ones(3)}, "global_step": 2}, target)
-    monkeypatch.setattr(ck.os, "rename", real_rename)
+    monkeypatch.setattr(ck.publish.os, "rename", real_rename)
     assert ck.load_sharded(target)["global_step"] == 1 and _hidden(tmp_path) == []
 
 

@@ -234,7 +234,7 @@ def test_overwriting_a_checkpoint_takes_the_atomic_exchange(tmp_path: Path, monk
         taken.append(real(a, b))
         return taken[-1]
 
-    monkeypatch.setattr(ck, "_exchange", spy)
+    monkeypatch.setattr(ck.publish, "_exchange", spy)
     target = tmp_path / "last.ckpt"
     ck.save_sharded({"state_dict": {"w": torch.zeros(3)}, "global_step": 1}, target)
     assert taken == []  # nothing to swap with on the first save

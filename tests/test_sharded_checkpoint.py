@@ -257,7 +257,7 @@ def test_async_save_is_one_consistent_step_and_training_goes_on(tmp_path: Path, 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
 def test_overwriting_a_checkpoint_replaces_it_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool) -> None:
     if not exchange:
-        monkeypatch.setattr(ck, "_exchange", lambda a, b: False)  # filesystems without RENAME_EXCHANGE
+        monkeypatch.setattr(ck.publish, "_exchange", lambda a, b: False)  # filesystems without RENAME_EXCHANGE
     target = tmp_path / "last.ckpt"
     ck.save_sharded({"state_dict": {"w": torch.zeros(3)}, "global_step": 1}, target)
     ck.save_sharded({"state_dict": {"w": torch.ones(3), "v": torch.ones(2)}, "global_step": 2}, target)

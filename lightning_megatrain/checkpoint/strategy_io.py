@@ -1,0 +1,261 @@
+"""What ``MegaTrainStrategy`` does with checkpoints: save (one process or every rank), the background save in flight, removal, load."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from .export import weights_source
+from .format import FROZEN_KEY, CheckpointMismatchError
+from .publish import remove_checkpoint as remove_checkpoint_dir
+from .reader import Pieces, check_optimizer_state, check_state_dict
+from .writer import ShardedSave, save_sharded_distributed
+
+if TYPE_CHECKING:
+    from ..strategy import MegaTrainStrategy
+
+
+class StrategyCheckpoints:
+    """The checkpoint side of a :class:`~lightning_megatrain.MegaTrainStrategy`, which owns one and calls it
+    from its Lightning hooks. It reads the strategy's options (``checkpoint_format``, ``async_checkpoint``,
+    ...), runtime and collective when it runs, and holds the background save in flight (``saving``)."""
+
+    def __init__(self, strategy: MegaTrainStrategy) -> None:
+        self.strategy = strategy
+        self.saving: Optional[ShardedSave] = None
+
+    # ------------------------------------------------------------------ saving
+    def save(self, checkpoint: dict[str, Any], filepath: Any) -> bool:
+        """Write ``checkpoint`` as a sharded directory (after the save in flight is done); False if the
+        strategy writes single files, which Lightning's own ``save_checkpoint`` then does."""
+        s = self.strategy
+        self.finish_save()
+        omit = self.frozen_to_omit()
+        if omit and "state_dict" in checkpoint and not any(k in checkpoint["state_dict"] for k in omit):
+            checkpoint[FROZEN_KEY] = {"names": sorted(omit), "source": weights_source(s.lightning_module)}
+        if s.checkpoint_format == "single_file":
+            return False
+        collective = s.collective if s.runtime is not None else None
+        if collective is None and s.is_distributed and "optimizer_states" in checkpoint:
+            raise RuntimeError(
+                "megatrain with several devices cannot save a training checkpoint after fit has ended: each rank's "
+                "share of the optimizer state lived in the training run. Save during fit (ModelCheckpoint, or "
+                "trainer.save_checkpoint in a hook such as on_train_end), or save weights only with "
+                "trainer.save_checkpoint(path, weights_only=True)."
+            )
+        if collective is not None:
+            # data parallel: every rank writes its share into one directory (each rank holds only its
+            # elements of the optimizer state); rank 0 writes the indexes and publishes it
+            runtime: Any = s.runtime
+            if "state_dict" in checkpoint:
+                checkpoint = {**checkpoint, "state_dict": self._rank0_buffers(checkpoint["state_dict"])}
+            if "optimizer_states" in checkpoint:
+                checkpoint = {**checkpoint, "optimizer_states": [runtime.shard_optimizer_state(o) for o in s.optimizers]}
+            owned = [[(*runtime.owned(p), tuple(p.shape)) for g in o.param_groups for p in g["params"]] for o in s.optimizers]
+            runtime.wait()  # also the node's other ranks: their updates of the shared weights are done
+            save_sharded_distributed(
+                checkpoint, Path(filepath), owned, local_rank=collective.rank, local_size=collective.size, node=collective.node,
+                shard_bytes=s.checkpoint_shard_bytes, checksums=s.checkpoint_checksums,
+            )
+            return True
+        if not s.is_global_zero:
+            return True
+        save = ShardedSave(
+            checkpoint, Path(filepath), s.checkpoint_shard_bytes, checksums=s.checkpoint_checksums, **self._groups(checkpoint)
+        )
+        if s.async_checkpoint and s.runtime is not None:
+            # held before the thread starts: a Ctrl-C during start() must still find it to wait for
+            self.saving = save
+            try:
+                save.start()
+            except Exception:
+                self.saving = None
+                raise
+            s.runtime.gate = save.wait_group
+        else:
+            save.run()
+        return True
+
+    def _groups(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """Which streamed layer each tensor belongs to, so a save can go layer by layer; buffers are
+        copied now, since the next forward may change them (BatchNorm statistics)."""
+        runtime = self.strategy.runtime
+        if runtime is None:
+            return {}
+        unit_of = runtime.unit_of()
+        model_groups = {}
+        state_dict = checkpoint.get("state_dict", {})
+        for name, t in list(state_dict.items()):
+            if isinstance(t, Tensor):
+                group = unit_of.get(t.data_ptr()) if t.numel() else 0
+                if group is None:
+                    state_dict[name] = t = t.clone()
+                    group = 0
+                model_groups[name] = group
+        optimizer_groups = []
+        for optimizer in self.strategy.optimizers:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            optimizer_groups.append({i: unit_of.get(p.data_ptr(), 0) for i, p in enumerate(params)})
+        return {"model_groups": model_groups, "optimizer_groups": optimizer_groups}
+
+    def _rank0_buffers(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """The state dict with rank 0's values of everything that is not a (shared) parameter: buffers are
+        each rank's own, and whichever rank writes one must write rank 0's, as DDP's checkpoint holds. The
+        ranks' live buffers are left as they are."""
+        module = self.strategy.lightning_module
+        assert module is not None
+        shared = {p.data_ptr() for p in module.parameters() if p.numel()}
+        out = dict(state_dict)
+        for name, t in state_dict.items():
+            if isinstance(t, Tensor) and t.numel() and t.data_ptr() not in shared:
+                # (NCCL moves device tensors only)
+                t = t.detach().to(self.strategy.root_device if dist.get_backend() == "nccl" else t.device, copy=True)
+                dist.broadcast(t, src=0)
+                out[name] = t
+        return out
+
+    def frozen_to_omit(self) -> set[str]:
+        """State-dict names of frozen parameters a checkpoint leaves out (see ``checkpoint_frozen``)."""
+        s = self.strategy
+        module = s.lightning_module
+        if module is None or s.checkpoint_frozen is True or not s.config.grads:
+            return set()
+        params = dict(module.named_parameters(remove_duplicate=False))
+        frozen = {k for k, p in params.items() if not p.requires_grad}
+        if s.checkpoint_frozen is None:
+            unique = {id(p): p for p in params.values()}.values()
+            if 2 * sum(p.numel() for p in unique if not p.requires_grad) <= sum(p.numel() for p in unique):
+                return set()
+        return frozen
+
+    def without_frozen(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` without the frozen parameters a checkpoint leaves out."""
+        omit = self.frozen_to_omit()
+        return {k: v for k, v in state.items() if k not in omit} if omit else state
+
+    # ------------------------------------------------------------------ the background save in flight, removal
+    def remove(self, filepath: Any, remove_file: Callable[[Any], None]) -> None:
+        """Delete an older checkpoint (``ModelCheckpoint``'s top-k rotation, ``save_last``) only once the
+        save in flight is published, so a complete checkpoint exists at every moment; if that save
+        fails, the older checkpoint stays. ``remove_file`` removes what is not a directory."""
+        if not self.strategy.is_global_zero:
+            return
+        save = self.saving
+        if save is not None:
+            save.after_publish(lambda: self._remove_now(filepath, remove_file))
+        else:
+            self._remove_now(filepath, remove_file)
+
+    def _remove_now(self, filepath: Any, remove_file: Callable[[Any], None]) -> None:
+        if isinstance(filepath, (str, Path)) and Path(filepath).is_dir():
+            remove_checkpoint_dir(filepath)  # renamed aside first: never seen half-deleted
+        else:
+            remove_file(filepath)
+
+    def check_save(self) -> None:
+        """Raise the failure of a background save that has ended (with its path and cause)."""
+        save = self.saving
+        if save is not None and save.done:
+            self.finish_save()
+
+    def finish_save(self) -> None:
+        """Wait for the background save in flight, and raise its failure."""
+        save = self.saving
+        if save is None:
+            return
+        # keep the reference until the write has ended: a Ctrl-C that cuts this wait short leaves it for
+        # on_exception/teardown to wait for again, instead of abandoning a half-written checkpoint
+        save.join()
+        self.saving = None
+        runtime = self.strategy.runtime
+        if runtime is not None and runtime.gate == save.wait_group:
+            runtime.gate = None
+        save.wait()  # CheckpointWriteError naming the path and the cause
+
+    # ------------------------------------------------------------------ loading
+    def load_model_state(self, checkpoint: Mapping[str, Any], strict: bool) -> Optional[Mapping[str, Any]]:
+        """Check the checkpoint's weights (and, when fitting, its optimizer state) against the model before
+        anything changes; in data parallel load this rank's elements and return None, else return the
+        checkpoint for Lightning's own ``load_model_state_dict`` (frozen weights it left out filled in)."""
+        s = self.strategy
+        module = s.lightning_module
+        assert module is not None
+        expected = module.state_dict()
+        omitted = checkpoint.get(FROZEN_KEY)
+        if omitted:
+            # the checkpoint left out frozen base weights: they are the module's own (rebuilt from their source)
+            params = dict(module.named_parameters(remove_duplicate=False))
+            bad = [n for n in omitted["names"] if n not in params or params[n].requires_grad]
+            if bad:
+                raise CheckpointMismatchError(
+                    f"the checkpoint left out frozen parameters that are not frozen parameters of this model: {bad[:10]}. "
+                    "Freeze the same parameters as the run that saved it."
+                )
+            expected = {k: v for k, v in expected.items() if k not in set(omitted["names"])}
+            rank_zero_info(
+                f"megatrain: the checkpoint holds no frozen base weights ({len(omitted['names'])} tensors); keeping the "
+                f"model's own (saved from: {omitted.get('source') or 'unknown'})."
+            )
+        check_state_dict(expected, checkpoint["state_dict"], strict=strict)
+        if omitted:
+            checkpoint = {**checkpoint, "state_dict": {**module.state_dict(), **checkpoint["state_dict"]}}
+        try:
+            trainer: Optional[pl.Trainer] = module.trainer
+        except RuntimeError:  # not attached to a Trainer
+            trainer = None
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING and s.lightning_restore_optimizer:
+            # Lightning loads the optimizer state after the weights: refuse a mismatch before either changes
+            for optimizer, state in zip(s.optimizers, checkpoint.get("optimizer_states", [])):
+                check_optimizer_state(optimizer, state)
+        if s.collective is not None and s.runtime is not None:
+            self._load_owned(checkpoint["state_dict"])
+            return None
+        return checkpoint
+
+    def _load_owned(self, state_dict: Mapping[str, Any]) -> None:
+        """Data parallel: the parameters are the node's shared memory; each rank writes the elements it
+        owns (buffers are each rank's own), then waits until the node's ranks have all written theirs."""
+        module, runtime = self.strategy.lightning_module, self.strategy.runtime
+        assert module is not None and runtime is not None
+        params = dict(module.named_parameters(remove_duplicate=False))
+        rest = {}
+        with torch.no_grad():
+            for name, value in state_dict.items():
+                p = params.get(name)
+                if p is None:
+                    rest[name] = value
+                    continue
+                lo, hi = runtime.owned(p)
+                if hi > lo:
+                    p.view(-1)[lo:hi].copy_(value.reshape(-1)[lo:hi])
+        if rest:
+            module.load_state_dict(rest, strict=False)
+        collective = self.strategy.collective
+        collective.board.barrier(collective.timeout_s, "loading the checkpoint's weights")
+
+    def load_optimizer_states(self, checkpoint: Mapping[str, Any]) -> None:
+        """The checkpoint's optimizer state into the optimizers, on the host (data parallel: each rank its elements)."""
+        s = self.strategy
+        states = checkpoint["optimizer_states"]
+        for optimizer, state in zip(s.optimizers, states):
+            check_optimizer_state(optimizer, state)
+        if s.runtime is not None and s.collective is not None:
+            # data parallel: each rank takes the elements it owns (from Pieces or from full tensors)
+            for optimizer, state in zip(s.optimizers, states):
+                s.runtime.load_shard_optimizer_state(optimizer, state)  # type: ignore[union-attr]
+            return
+        for optimizer, state in zip(s.optimizers, states):
+            # own memory for each state tensor (the shards are memory-mapped read-only files); state that
+            # data-parallel ranks wrote in pieces is put together whole
+            state = {**state, "state": {k: {n: v.materialize() if isinstance(v, Pieces) else v.clone() if isinstance(v, Tensor) else v for n, v in pstate.items()} for k, pstate in state["state"].items()}}
+            optimizer.load_state_dict(state)
+            if s.runtime is not None:
+                s.runtime.refresh_fused(optimizer)
