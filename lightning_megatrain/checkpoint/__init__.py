@@ -39,7 +39,6 @@ strategy, not here). Every name is importable from this package, as before the s
 
 from .export import (
     _hf_submodule,
-    _materialize,
     _outermost,
     export_hf,
     load_hf_weights,

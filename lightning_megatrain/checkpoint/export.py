@@ -15,31 +15,19 @@ import torch
 from torch import Tensor, nn
 
 from .format import DEFAULT_SHARD_BYTES, MODEL_INDEX, _Item, _nbytes, _PathLike, _plan, _ShardWriter
-from .reader import Pieces, check_state_dict, load_sharded, read_index, read_safetensors
+from .reader import check_state_dict, load_sharded, materialize, read_index, read_safetensors
 
 
 # ----------------------------------------------------------------------------- interop
 def to_lightning_checkpoint(path: _PathLike, out: _PathLike) -> Path:
     """Convert a megatrain checkpoint directory into one Lightning ``.ckpt`` file (needs the RAM of the whole state)."""
     checkpoint = load_sharded(path)
-    checkpoint = _materialize(checkpoint)
+    checkpoint = materialize(checkpoint, clone=True)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     torch.save(checkpoint, tmp)
     os.replace(tmp, out)
     return out
-
-
-def _materialize(obj: Any) -> Any:
-    if isinstance(obj, Pieces):
-        return obj.materialize()
-    if isinstance(obj, Tensor):
-        return obj.clone()
-    if isinstance(obj, dict):
-        return {k: _materialize(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_materialize(v) for v in obj]
-    return obj
 
 
 def _outermost(module: nn.Module, match: Callable[[nn.Module], bool]) -> list[tuple[str, nn.Module]]:

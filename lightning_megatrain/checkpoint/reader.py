@@ -204,14 +204,17 @@ def owned_slice(value: Union[Tensor, Pieces], lo: int, hi: int) -> Tensor:
     return value.reshape(-1)[lo:hi].clone()
 
 
-def materialize(value: Any) -> Any:
-    """``value`` with every :class:`Pieces` in it replaced by its whole tensor."""
+def materialize(value: Any, clone: bool = False) -> Any:
+    """``value`` with every :class:`Pieces` in it replaced by its whole tensor; ``clone``: tensors are
+    copied too (out of memory-mapped files, before they are written into one file)."""
     if isinstance(value, Pieces):
         return value.materialize()
+    if clone and isinstance(value, Tensor):
+        return value.clone()
     if isinstance(value, dict):
-        return {k: materialize(v) for k, v in value.items()}
+        return {k: materialize(v, clone) for k, v in value.items()}
     if isinstance(value, list):
-        return [materialize(v) for v in value]
+        return [materialize(v, clone) for v in value]
     return value
 
 
