@@ -296,7 +296,7 @@ def plan_memory(
     grads: bool = True,
     batch_tokens: int | None = None,
     hidden_size: int | None = None,
-    host_memory: str = "fast",
+    host_memory: str = "auto",
     host_memory_reason: str = "",
     host_available: int | None = None,
     device_free: int | None = None,
@@ -312,7 +312,8 @@ def plan_memory(
     (``layers x tokens x hidden`` in the compute dtype) and an estimate of one layer's working set
     (``~16 x tokens x hidden`` activations plus the layer's weight gradients). ``hidden_size`` is read
     from an HF config or the first layer's first ``nn.Linear`` when not given. ``host_memory`` is a
-    resolved mode (``"fast"``, ``"compact"``, ``"lean"``; see :func:`choose_host_memory`).
+    mode as for :class:`~lightning_megatrain.MegaTrainStrategy`: ``"auto"`` (the default, as there) is
+    resolved by :func:`choose_host_memory` for ``device``, ``compute_dtype`` and ``batch_tokens``.
     ``host_available`` and ``device_free`` replace what this machine has (to plan for another one).
 
     Data parallel (``ranks_per_node`` GPUs on each of ``nodes`` nodes): the node holds one copy of the
@@ -321,8 +322,11 @@ def plan_memory(
     own gradient staging; each GPU holds whole layers in its slots, plus a 1/N shard buffer per slot.
     ``host_available`` is then the node's, and the plan's host figures are per node.
     """
+    if host_memory == "auto":  # the strategy's default, resolved the way the strategy resolves it
+        host_memory, why = choose_host_memory(host_memory, device, compute_dtype, batch_tokens)
+        host_memory_reason = host_memory_reason or why
     if host_memory not in ("fast", "compact", "lean"):
-        raise ValueError(f"plan_memory needs a resolved host_memory ('fast', 'compact' or 'lean'), got {host_memory!r}")
+        raise ValueError(f"plan_memory needs host_memory 'auto', 'fast', 'compact' or 'lean', got {host_memory!r}")
     for name, value in (("ranks_per_node", ranks_per_node), ("nodes", nodes)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"plan_memory needs {name} to be a positive int (GPUs per node, nodes), got {value!r}")

@@ -95,14 +95,15 @@ class WithOptimizer(BlockLM):
 
 @pytest.mark.parametrize(
     "opt_kwargs, strategy_kwargs, fused",
-    [({}, {}, True), ({"foreach": True}, {}, False), ({}, {"fused_optimizer": False}, False)],
-    ids=["default", "user-foreach", "fused_optimizer-False"],
+    [({}, {}, True), ({"foreach": True}, {}, False), ({"foreach": False}, {}, False),
+     ({}, {"fused_optimizer": False}, False)],
+    ids=["default", "user-foreach", "user-foreach-False", "fused_optimizer-False"],
 )
 def test_fused_cpu_optimizer_is_selected_only_when_the_user_left_the_choice(
     monkeypatch: pytest.MonkeyPatch, opt_kwargs: dict, strategy_kwargs: dict, fused: bool
 ) -> None:
     """During the host step every group has ``fused=True`` and torch's fused AdamW kernel runs, unless
-    the user chose ``foreach=True`` or passed ``fused_optimizer=False``. Guards against
+    the user chose ``foreach=True`` or ``foreach=False`` (the for-loop) or passed ``fused_optimizer=False``. Guards against
     ``enable_fused`` doing nothing (seen red: default), ``fused_optimizer=False`` being ignored
     (seen red) and a user's ``foreach=True`` being overridden (seen red)."""
     seen: list[tuple[Any, Any]] = []
@@ -128,8 +129,8 @@ def test_fused_cpu_optimizer_is_selected_only_when_the_user_left_the_choice(
     else:
         assert not any(f is True for f, _ in seen), seen
         assert kernel_calls[0] == 0
-        if opt_kwargs.get("foreach"):
-            assert all(fe is True for _, fe in seen), seen
+        if "foreach" in opt_kwargs:
+            assert all(fe is opt_kwargs["foreach"] for _, fe in seen), seen
 
 
 # ----------------------------------------------------------------------------- trainer.test

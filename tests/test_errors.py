@@ -168,7 +168,8 @@ def test_memory_plan_public_function_and_device_refusal(monkeypatch: pytest.Monk
     model = HFLM("llama")
     layers = list(model.model.model.layers)
     opt = torch.optim.AdamW(model.parameters())
-    plan = plan_memory(model, layers, torch.bfloat16, torch.device("cpu"), prefetch=2, optimizers=[opt], batch_tokens=4096)
+    plan = plan_memory(model, layers, torch.bfloat16, torch.device("cpu"), prefetch=2, optimizers=[opt], batch_tokens=4096,
+                       host_memory="fast")  # the layout with bf16 compute copies
     n = sum(p.numel() for p in model.parameters())
     layer_numel = sum(p.numel() for p in layers[0].parameters())
     assert plan.params == n and plan.n_layers == 3

@@ -66,6 +66,6 @@ def test_slots_hold_matrices_in_bf16_and_vectors_in_fp32() -> None:
 
 def test_memory_plan_counts_fp32_vectors_in_the_slots() -> None:
     model = NormLM()
-    plan = plan_memory(model, list(model.blocks), torch.bfloat16, torch.device("cpu"), prefetch=1)
+    plan = plan_memory(model, list(model.blocks), torch.bfloat16, torch.device("cpu"), prefetch=1, host_memory="fast")
     all_bf16 = sum(p.numel() * 2 for p in model.blocks[0].parameters())
     assert plan.device["weight slots"] > 2 * all_bf16
