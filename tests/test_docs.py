@@ -133,6 +133,35 @@ def test_every_example_config_is_accepted_by_its_script(
     assert "trainer:" in printed and "model:" in printed
 
 
+# ----------------------------------------------------------------------------- LoRA plans
+@functools.lru_cache(maxsize=None)
+def _lora_plan(shape: str, **kwargs: Any) -> tuple[float, float]:
+    """(host GiB, device GiB) of ``benchmarks/lora_plan.py``'s plan: LoRA r=16 on a bf16 Llama-3 shape."""
+    pytest.importorskip("peft")
+    module = _load("docs_lora_plan", REPO / "benchmarks" / "lora_plan.py")
+    plan = module.plan(shape, **kwargs)
+    return plan.host_total / 1024**3, plan.device_total / 1024**3
+
+
+def test_lora_plan_figures_in_the_docs_and_configs() -> None:
+    """docs/lora.md's table (prefetch 1, 8192 tokens: the script's defaults) and the 8B/70B configs'
+    comments (from ``--prefetch 2 --batch-tokens 16384 --host-memory auto``, as they say)."""
+    text = (REPO / "docs" / "lora.md").read_text()
+    for shape in ("8B", "70B"):
+        row = re.search(rf"^\| Llama-3 {shape} shape \| ([\d.]+) GiB \| ([\d.]+) GiB \|", text, re.M)
+        assert row, f"docs/lora.md has no row for {shape}"
+        host, device = _lora_plan(shape)
+        assert (row.group(1), row.group(2)) == (f"{host:.1f}", f"{device:.1f}"), (shape, host, device)
+        config = (REPO / "examples" / "configs" / f"lora_llama3_{shape.lower()}.yaml").read_text()
+        assert "lora_plan.py --prefetch 2 --batch-tokens 16384 --host-memory auto" in config
+        host, device = _lora_plan(shape, prefetch=2, batch_tokens=16384, host_memory="auto")
+        stated_host = re.search(r"^# Host RAM: ([\d.]+) GiB", config, re.M)
+        stated_device = re.search(r"^# GPU: ([\d.]+) GiB in the plan", config, re.M)
+        assert stated_host and stated_device, shape
+        assert (stated_host.group(1), stated_device.group(1)) == (f"{host:.1f}", f"{device:.1f}"), (shape, host, device)
+        assert f"host plan {host:.1f} GiB" in re.sub(r"\s+", " ", text), f"docs/lora.md: the {shape} config's host plan"
+
+
 # ----------------------------------------------------------------------------- options
 def _strategy_params() -> dict[str, inspect.Parameter]:
     params = dict(inspect.signature(MegaTrainStrategy.__init__).parameters)
