@@ -289,6 +289,46 @@ def test_every_metric_the_docs_name_is_logged_by_the_monitor() -> None:
     assert len(named) >= 10 and named <= logged, f"named in the docs, not logged: {sorted(named - logged)}"
 
 
+@functools.lru_cache(maxsize=None)
+def _project_classes() -> dict[str, set[str]]:
+    """Every class of the package and the names it defines (methods, class attributes, ``self.x = ...``)."""
+    classes: dict[str, set[str]] = {}
+    for path in (REPO / "lightning_megatrain").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                names = classes.setdefault(node.name, set())
+                for sub in ast.walk(node):
+                    if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        names.add(sub.name)
+                    elif isinstance(sub, ast.Attribute) and isinstance(sub.ctx, ast.Store):
+                        names.add(sub.attr)
+                    elif isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                        names.add(sub.id)
+                    elif isinstance(sub, ast.AnnAssign) and isinstance(sub.target, ast.Name):
+                        names.add(sub.target.id)
+    return classes
+
+
+def test_classes_methods_and_tests_the_docs_name_exist() -> None:
+    """``Class.method`` of the package's own classes and ``test_file.py::test_name`` references."""
+    classes = _project_classes()
+    tests = {p.name: p.read_text() for p in (REPO / "tests").glob("test_*.py")}
+    missing, checked = [], 0
+    for doc in DOCS:
+        text = doc.read_text()
+        for cls, attr in re.findall(r"`([A-Z]\w+)\.(\w+)(?:\(\))?`", text):
+            if cls in classes:
+                checked += 1
+                if attr not in classes[cls]:
+                    missing.append(f"{_rel(doc)}: {cls}.{attr}")
+        for file, name in re.findall(r"`(?:tests/)?(test_\w+\.py)::(\w+)", text):
+            checked += 1
+            if not re.search(rf"^def {name}\(", tests.get(file, ""), re.M):
+                missing.append(f"{_rel(doc)}: {file}::{name}")
+    assert checked >= 10, checked
+    assert not missing, f"named in the docs, not in the code: {missing}"
+
+
 # ----------------------------------------------------------------------------- statements the code contradicts
 def test_statements_that_contradict_the_code() -> None:
     """Sentences seen drifting from the code (issue 26); each names what the code does instead."""
