@@ -348,3 +348,12 @@ def test_statements_that_contradict_the_code() -> None:
         for m in re.finditer(r"errors? [^.]{0,40}for more than one device", text):
             problems.append(f"{_rel(doc)}: more than one device is not refused: {m.group(0)!r}")
     assert not problems, "\n".join(problems)
+
+
+def test_the_quoted_setup_plan_gives_the_reason_the_code_gives() -> None:
+    """docs/host-memory.md's excerpt of the plan printed at setup: "auto" on the CPU, as the strategy resolves it."""
+    from lightning_megatrain.memory import choose_host_memory
+
+    mode, why = choose_host_memory("auto", "cpu", __import__("torch").bfloat16)
+    text = (REPO / "docs" / "host-memory.md").read_text()
+    assert f"  host_memory='{mode}': {why}\n" in text
