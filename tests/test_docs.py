@@ -7,14 +7,12 @@ import contextlib
 import dataclasses
 import functools
 import glob
-import importlib.util
 import inspect
 import io
 import re
 import sys
 from datetime import timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -25,6 +23,7 @@ import lightning_megatrain.losses
 from lightning_megatrain import MegaTrainStrategy, plan_memory
 from lightning_megatrain.engine.config import RuntimeConfig
 from lightning_megatrain.plan import main as plan_main
+from test_example import _load  # one loader of example and benchmark scripts by path, as test_example_lora does
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", REPO / "CHANGELOG.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -105,14 +104,6 @@ def test_every_plan_command_in_the_docs_runs() -> None:
 
 
 # ----------------------------------------------------------------------------- example configs
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_every_example_config_is_accepted_by_its_script(
     config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
