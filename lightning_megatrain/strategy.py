@@ -25,6 +25,7 @@ from .checkpoint import DEFAULT_SHARD_BYTES, ShardedSave, load_sharded
 from .checkpoint.strategy_io import StrategyCheckpoints
 from .distributed import (  # noqa: F401 - ELEMENTWISE_OPTIMIZERS and _add_to_message: importable from here, as before
     ELEMENTWISE_OPTIMIZERS,
+    AgreedRefusal,
     _add_to_message,
     all_reduce,
     barrier,
@@ -524,7 +525,9 @@ class MegaTrainStrategy(ParallelStrategy):
         self._checkpoints.remove(filepath, super().remove_checkpoint)
 
     def on_exception(self, exception: BaseException) -> None:
-        if self.is_distributed:
+        # an AgreedRefusal is no rank's failure: tearing the process group down would only race the peers
+        # still finishing the collective that agreed on it (gloo aborts a process whose peer closes under it)
+        if self.is_distributed and not isinstance(exception, AgreedRefusal):
             self._fail_distributed(exception)
         try:
             self._checkpoints.finish_save()  # a checkpoint already being written is completed, not lost
