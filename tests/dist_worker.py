@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
 import lightning_megatrain  # noqa: E402,F401  (registers "megatrain")
 from lightning_megatrain import MegaTrainStrategy  # noqa: E402
-from models import HFLM, BlockLM, data  # noqa: E402
+from models import HFLM, BlockLM, SameKernel, data, is_megatrain  # noqa: E402
 
 
 class ManualBlockLM(BlockLM):
@@ -155,6 +155,8 @@ def fit(make: Callable[[], BlockLM], strategy: Any, k: int, **kwargs: Any) -> di
     if save_at_end is not None:  # a checkpoint written in on_train_end, named after the strategy
         options["callbacks"] = [probe, SaveAtEnd(Path(save_at_end) / ("mega" if not isinstance(strategy, str) or strategy == "megatrain" else "ddp.ckpt"))]
     options.update(kwargs)
+    if not is_megatrain(strategy):  # DDP steps with the fused CPU kernel megatrain picks: like with like
+        options["callbacks"] = [*options["callbacks"], SameKernel()]
     trainer = L.Trainer(strategy=strategy, **options)
     # validation at the end of each epoch (an epoch is 6 / k steps): forwards on every rank, in the fit
     trainer.fit(model, data(n=24, batch_size=4), data(n=8 * k, batch_size=4, seed=7) if validate else None)
