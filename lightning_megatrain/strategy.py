@@ -414,16 +414,7 @@ class MegaTrainStrategy(ParallelStrategy):
             steps += [self._end_distributed, super().teardown]  # ParallelStrategy: the cluster environment's too
         else:
             steps.append(lambda: Strategy.teardown(self))  # as a single-device strategy: environment untouched
-        first: Optional[Exception] = None
-        for step in steps:
-            try:
-                step()
-            except Exception as err:  # noqa: BLE001 - the first is raised (or logged) below
-                if first is not None or failure is not None:
-                    log.error("megatrain: teardown after %s: %s: %s", type(failure or first).__name__, type(err).__name__, err)
-                first = first or err
-        if first is not None and failure is None:
-            raise first
+        _run_every(steps, failure)
 
     def _detach(self) -> None:
         runtime, self.runtime = self.runtime, None
@@ -538,8 +529,7 @@ class MegaTrainStrategy(ParallelStrategy):
 
     def on_exception(self, exception: BaseException) -> None:
         self._failure = exception
-        # an AgreedRefusal is no rank's failure: tearing the process group down would only race the peers
-        # still finishing the collective that agreed on it (gloo aborts a process whose peer closes under it)
+        # an AgreedRefusal is no rank's failure: tearing the group down would race peers still in its collective
         if self.is_distributed and not isinstance(exception, AgreedRefusal):
             self._fail_distributed(exception)
         for step in (self._checkpoints.finish_save, self._detach):  # finish_save: a checkpoint being written is completed
@@ -556,3 +546,16 @@ class MegaTrainStrategy(ParallelStrategy):
         if collective is not None:
             self.config.collective = None
 
+
+def _run_every(steps: list[Any], failure: Optional[BaseException]) -> None:
+    """Run every step; raise the first error, or only log it when ``failure`` is being handled."""
+    first: Optional[Exception] = None
+    for step in steps:
+        try:
+            step()
+        except Exception as err:  # noqa: BLE001 - the first is raised (or logged) below
+            if first is not None or failure is not None:
+                log.error("megatrain: teardown after %s: %s: %s", type(failure or first).__name__, type(err).__name__, err)
+            first = first or err
+    if first is not None and failure is None:
+        raise first
