@@ -129,6 +129,12 @@ def all_reduce(tensor: Tensor, group: Optional[Any] = None, reduce_op: Optional[
     return out
 
 
+class AgreedRefusal(ValueError):
+    """A refusal every rank raises together, decided from facts a collective gave all of them alike (the
+    ranks' batch counts). No rank failed, so nothing is torn down: the process group and the other ranks
+    stay as they were, and the caller may catch it on every rank and go on, as with one device."""
+
+
 def check_same_batches(dataloader: Any) -> None:
     """Every forward all-gathers each layer, so every rank must run the same number of batches: refuse,
     before the loop, a loader that gives ranks different numbers (e.g. ``trainer.predict``, whose sampler
@@ -139,8 +145,8 @@ def check_same_batches(dataloader: Any) -> None:
         n = -1
     counts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(counts, n)
-    if len(set(counts)) > 1:
-        raise ValueError(
+    if len(set(counts)) > 1:  # every rank saw the same counts: every rank raises this, together
+        raise AgreedRefusal(
             f"with several devices megatrain needs the same number of batches on every rank (each forward "
             f"is a collective), but the ranks got {counts}. Make the dataset size a multiple of the world size "
             "times the batch size (trainer.predict does not pad), or run it with devices=1."

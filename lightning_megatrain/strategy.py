@@ -25,6 +25,7 @@ from .checkpoint import DEFAULT_SHARD_BYTES, ShardedSave, load_sharded
 from .checkpoint.strategy_io import StrategyCheckpoints
 from .distributed import (  # noqa: F401 - ELEMENTWISE_OPTIMIZERS and _add_to_message: importable from here, as before
     ELEMENTWISE_OPTIMIZERS,
+    AgreedRefusal,
     _add_to_message,
     all_reduce,
     barrier,
@@ -191,6 +192,7 @@ class MegaTrainStrategy(ParallelStrategy):
         self.host_memory = host_memory
         self.checkpoint_frozen = checkpoint_frozen
         self.runtime: Optional[Runtime] = None
+        self._failure: Optional[BaseException] = None  # the error on_exception saw: teardown must not hide it
         self.memory_plan: Any = None
         self._checkpoints = StrategyCheckpoints(self)  # saves, the one in flight, removal, loads
 
@@ -404,22 +406,24 @@ class MegaTrainStrategy(ParallelStrategy):
         self.setup_precision_plugin()
 
     def teardown(self) -> None:
-        try:
-            self._checkpoints.finish_save()  # a failed background write is raised here at the latest
-        finally:
-            self._detach()
-            if self.is_distributed:
-                self._end_distributed()
-                super().teardown()  # ParallelStrategy: the cluster environment's teardown too
-            else:
-                Strategy.teardown(self)  # as a single-device strategy: environment untouched
+        """Every step runs, even after one failed. After a failure (``on_exception``) an error of teardown
+        is logged, not raised: the user's traceback ends on the error that stopped the run."""
+        failure, self._failure = self._failure, None
+        steps = [self._checkpoints.finish_save, self._detach]  # finish_save: a failed background write at the latest
+        if self.is_distributed:
+            steps += [self._end_distributed, super().teardown]  # ParallelStrategy: the cluster environment's too
+        else:
+            steps.append(lambda: Strategy.teardown(self))  # as a single-device strategy: environment untouched
+        _run_every(steps, failure)
 
     def _detach(self) -> None:
-        if self.runtime is not None:
-            self.runtime.detach()
-            self.runtime = None
-            self.precision_plugin.runtime = None
-            self.optimizers = self.optimizers  # re-wrap the restored optimizer classes
+        runtime, self.runtime = self.runtime, None
+        if runtime is not None:
+            try:
+                runtime.detach()
+            finally:
+                self.precision_plugin.runtime = None
+                self.optimizers = self.optimizers  # re-wrap the restored optimizer classes
 
     # ------------------------------------------------------------------ steps
     def _bound(self) -> Any:
@@ -524,14 +528,15 @@ class MegaTrainStrategy(ParallelStrategy):
         self._checkpoints.remove(filepath, super().remove_checkpoint)
 
     def on_exception(self, exception: BaseException) -> None:
-        if self.is_distributed:
+        self._failure = exception
+        # an AgreedRefusal is no rank's failure: tearing the group down would race peers still in its collective
+        if self.is_distributed and not isinstance(exception, AgreedRefusal):
             self._fail_distributed(exception)
-        try:
-            self._checkpoints.finish_save()  # a checkpoint already being written is completed, not lost
-        except Exception as err:  # noqa: BLE001 - do not hide the exception being handled
-            log.error("%s", err)
-        finally:
-            self._detach()
+        for step in (self._checkpoints.finish_save, self._detach):  # finish_save: a checkpoint being written is completed
+            try:
+                step()
+            except Exception as err:  # noqa: BLE001 - do not hide the exception being handled
+                log.error("megatrain: after %s: %s: %s", type(exception).__name__, type(err).__name__, err)
         super().on_exception(exception)
 
     def _fail_distributed(self, exception: BaseException) -> None:
@@ -541,3 +546,16 @@ class MegaTrainStrategy(ParallelStrategy):
         if collective is not None:
             self.config.collective = None
 
+
+def _run_every(steps: list[Any], failure: Optional[BaseException]) -> None:
+    """Run every step; raise the first error, or only log it when ``failure`` is being handled."""
+    first: Optional[Exception] = None
+    for step in steps:
+        try:
+            step()
+        except Exception as err:  # noqa: BLE001 - the first is raised (or logged) below
+            if first is not None or failure is not None:
+                log.error("megatrain: teardown after %s: %s: %s", type(failure or first).__name__, type(err).__name__, err)
+            first = first or err
+    if first is not None and failure is None:
+        raise first

@@ -19,6 +19,7 @@ from test_engine import Stack  # noqa: E402
 
 from lightning_megatrain.engine import Runtime, RuntimeConfig  # noqa: E402
 from lightning_megatrain.engine.collective import Collective  # noqa: E402
+from lightning_megatrain.engine.stepper import enable_fused  # noqa: E402
 
 
 def loss_of(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
@@ -79,6 +80,7 @@ def run(coll: Collective, scenario: str, steps: int = 4, micro: int = 2, per_ran
     # near-zero gradient moves a weight by 2 lr)
     make = (lambda ps: torch.optim.SGD(ps, lr=1e-1, momentum=0.9)) if bf16 else (lambda ps: torch.optim.AdamW(ps, lr=1e-2))
     opt_ref = make([p for p in ref.parameters() if p.requires_grad])
+    enable_fused(opt_ref)  # the kernel the engine picks (fused_optimizer=True): like with like
     global LEAN
     LEAN = scenario == "lean"
     config = RuntimeConfig(collective=coll, host_memory="lean" if LEAN else "fast")

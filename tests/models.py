@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_megatrain.engine.stepper import enable_fused
+
 VOCAB = 64
 
 
@@ -139,22 +141,61 @@ def data(n: int = 24, t: int = 12, batch_size: int = 4, seed: int = 1234) -> Dat
     return DataLoader(TensorDataset(torch.randint(0, VOCAB, (n, t), generator=g)), batch_size=batch_size)
 
 
-def trainer(strategy: Any = "auto", **kwargs: Any) -> L.Trainer:
+class SameKernel(L.Callback):
+    """Plain Lightning steps with the optimizer implementation megatrain picks: exactness tests compare
+    like with like.
+
+    Under ``fused_optimizer=True`` (the default) megatrain switches Adam/AdamW/SGD whose user left the
+    implementation to torch to the fused CPU kernel (``enable_fused``); plain Lightning on the CPU runs
+    torch's for-loop kernel. The two round differently by a few ulp, differently on each CPU (vector
+    width, FMA), and bf16-mixed amplifies that to 1e-4 of a loss on some CPUs. This applies the same
+    ``enable_fused`` to the plain run's optimizers (after a checkpoint restored them); ``fused=False``
+    leaves torch's choice, as megatrain with ``fused_optimizer=False`` does. The fused kernel itself is
+    bounded against the for-loop in test_exactness.py::test_fused_cpu_adamw_is_within_rounding_of_the_for_loop.
+    """
+
+    def __init__(self, fused: bool = True) -> None:
+        self.fused = fused
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.fused:
+            for optimizer in trainer.optimizers:
+                enable_fused(optimizer)
+
+
+def is_megatrain(strategy: Any) -> bool:
+    from lightning_megatrain import MegaTrainStrategy
+
+    return strategy == "megatrain" or isinstance(strategy, MegaTrainStrategy)
+
+
+def megatrain_fuses(strategy: Any) -> bool:
+    """Whether megatrain run with ``strategy`` picks the fused CPU kernel (its ``fused_optimizer``)."""
+    config = getattr(strategy, "config", None)
+    return bool(getattr(config, "fused_optimizer", True))
+
+
+def trainer(strategy: Any = "auto", fused: bool = True, **kwargs: Any) -> L.Trainer:
+    """A small CPU Trainer. A plain (not megatrain) one steps with the kernel megatrain picks by default
+    (:class:`SameKernel`; ``fused=False``: torch's own choice, as megatrain with ``fused_optimizer=False``)."""
     defaults: dict[str, Any] = dict(
         accelerator="cpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )
     defaults.update(kwargs)
+    if not is_megatrain(strategy):
+        defaults["callbacks"] = [*(defaults.get("callbacks") or []), SameKernel(fused)]
     return L.Trainer(strategy=strategy, **defaults)
 
 
 def fit_pair(make: Callable[[], Recorder], strategy: Any = "megatrain", loader: Callable[[], DataLoader] = data, **kwargs: Any) -> tuple[Recorder, Recorder]:
-    """The same model, data and seed trained by plain Lightning and by megatrain, in this process."""
+    """The same model, data and seed trained by plain Lightning and by megatrain, in this process, both
+    stepping with the same optimizer implementation (:class:`SameKernel`)."""
     out = []
     for strat in ("auto", strategy):
         L.seed_everything(0)
         model = make()
-        trainer(strat, **kwargs).fit(model, loader())
+        trainer(strat, fused=megatrain_fuses(strategy), **kwargs).fit(model, loader())
         out.append(model)
     return out[0], out[1]
 

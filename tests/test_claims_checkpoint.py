@@ -274,3 +274,29 @@ def test_async_checkpoint_holds_the_callback_state_of_its_own_step(tmp_path: Pat
         state = next(v for k, v in saved["callbacks"].items() if "ModelCheckpoint" in k)
         step = saved["global_step"]
         assert all(int(Path(k).name[5:-5]) <= step for k in state["best_k_models"]), (path.name, state["best_k_models"])
+
+
+class WithSGD(BlockLM):
+    def configure_optimizers(self) -> Any:
+        self.opt = torch.optim.SGD(self.parameters(), lr=1e-2, momentum=0.9)
+        return self.opt
+
+
+@pytest.mark.parametrize("fmt", ["sharded", "single_file"])
+def test_resume_into_another_optimizer_is_refused_before_anything_changes(tmp_path: Path, fmt: str) -> None:
+    """A checkpoint of AdamW resumed into SGD with momentum (the same parameters and groups) raises
+    ``CheckpointMismatchError`` naming both optimizers, before the weights or the optimizer change.
+    Seen red before the fix: no error at all here (the weights and the AdamW state loaded into SGD);
+    reported elsewhere: a KeyError 'momentum' in the host worker after the weights had loaded."""
+    _fit_every(tmp_path, MegaTrainStrategy(checkpoint_format=fmt), 6)
+    path = tmp_path / "step=6.ckpt"
+    assert path.is_dir() == (fmt == "sharded")
+    L.seed_everything(1)
+    model = WithSGD(dropout=0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ck.CheckpointMismatchError, match=r"optimizer state is of Adam or AdamW, but the optimizer is SGD") as err:
+        trainer(MegaTrainStrategy(checkpoint_format=fmt), max_steps=7).fit(model, data(), ckpt_path=path)
+    assert "nothing was loaded" in str(err.value)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed although the load was refused"
+    assert not model.opt.state

@@ -137,7 +137,12 @@ def test_refused_at_run_time(run: dict[str, Any]) -> None:
     for r, seen in enumerate(run["refusals"]):
         assert "after-fit: megatrain with several devices cannot save a training checkpoint" in seen, (r, seen)
         assert "weights-only: True" in seen, (r, seen)
-        assert "predict: with several devices megatrain needs the same number of batches" in seen, (r, seen)
+        assert "predict: AgreedRefusal: with several devices megatrain needs the same number of batches" in seen, (r, seen)
+        # a refusal stops no rank: the process group is intact on every rank, and the same Trainer predicts
+        # again on a loader the ranks can share
+        k = run["k"]
+        assert f"after the refusal: group True, all_reduce {k * (k + 1) // 2}" in seen, (r, seen)
+        assert "predict after the refusal: 1 batches" in seen, (r, seen)
 
 
 # ------------------------------------------------------------------ faults

@@ -184,3 +184,62 @@ def test_memory_plan_public_function_and_device_refusal(monkeypatch: pytest.Monk
     assert not plan.fits()
     with pytest.raises(MemoryPlanError, match=r"of device memory but 1000 bytes"):
         plan.check()
+
+
+class _TiedAcross(BlockLM):
+    """A module that cannot be streamed: the head shares a weight with a layer of the stack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(16, 64, bias=False)
+        self.head.weight = self.blocks[0].fc.weight
+
+
+def test_teardown_after_a_setup_failure_never_hides_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setup fails (a module that cannot be streamed) and a teardown step fails too: the user's traceback
+    ends on the setup error, and the teardown steps after the failing one still ran."""
+    seen: list[str] = []
+
+    def broken(self: Any) -> None:
+        seen.append("precision teardown")
+        raise RuntimeError("teardown broke")
+
+    monkeypatch.setattr(MegaTrainPrecision, "teardown", broken)
+    with pytest.raises(ValueError, match="also used outside the layer stack") as info:
+        trainer("megatrain").fit(_TiedAcross(), data())
+    assert "teardown broke" not in str(info.value) and info.value.__context__ is None
+    assert seen == ["precision teardown"]
+
+
+def test_detach_failing_after_a_training_failure_never_hides_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training fails with the engine attached and detaching fails too: the user's error is what the
+    user sees, the engine is detached once, and the later teardown steps still run."""
+    from lightning_megatrain.engine import Runtime
+
+    class Failing(BlockLM):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if batch_idx == 1:
+                raise KeyError("the user's own error")
+            return super().training_step(batch, batch_idx)
+
+    real = Runtime.detach
+    calls: list[str] = []
+
+    def broken(self: Runtime) -> None:
+        real(self)  # free what it holds, then report a failure
+        calls.append("detach")
+        raise RuntimeError("detach broke")
+
+    monkeypatch.setattr(Runtime, "detach", broken)
+    monkeypatch.setattr(MegaTrainPrecision, "teardown", lambda self: calls.append("precision teardown"))
+    with pytest.raises(KeyError, match="the user's own error") as info:
+        trainer("megatrain").fit(Failing(), data())
+    assert info.value.__context__ is None
+    assert calls == ["detach", "precision teardown"]
+
+
+def test_teardown_error_without_a_failure_is_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only after a failure is a teardown error logged instead of raised: otherwise it is the error."""
+    monkeypatch.setattr(MegaTrainPrecision, "teardown", lambda self: (_ for _ in ()).throw(RuntimeError("teardown broke")))
+    with pytest.raises(RuntimeError, match="teardown broke"):
+        trainer("megatrain", max_steps=1).fit(BlockLM(), data())

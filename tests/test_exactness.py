@@ -289,3 +289,44 @@ def test_manual_optimization_loss_over_two_forwards() -> None:
     plain, mega = fit_pair(TwoBindings, max_steps=6)
     assert len(mega.losses) == 3  # max_steps counts both opt.step() calls
     assert_same_training(plain, mega)
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.AdamW, torch.optim.Adam], ids=["adamw", "adam"])
+def test_fused_cpu_adamw_is_within_rounding_of_the_for_loop(opt_cls: Any) -> None:
+    """What ``fused_optimizer=True`` changes: torch's fused CPU kernel against its for-loop, fp32, the
+    same parameters and gradients, 30 steps. The exactness tests compare megatrain with plain Lightning
+    stepping the same kernel (tests/models.py ``SameKernel``); this bounds the kernel itself.
+
+    The bound, from float rounding: both kernels compute the same formula in another order of operations
+    (fused multiply-adds, constants folded differently, this CPU's vector width). Each rounded fp32
+    operation is off by at most u = 2**-24 relative. An update is p - lr * (m_hat / (sqrt(v_hat) + eps)
+    + wd * p); the step's error is at most a dozen u times its size, which for Adam is at most about lr,
+    and storing p costs u * |p|. The gradients here do not depend on the parameters, so the errors add
+    up: after k steps |fused - loop| <= k * u * (|p| + C * lr), C = 16 (a generous count of the rounded
+    operations in one update). An update that differs by more than rounding (eps=1e-6 instead of 1e-8)
+    is off by ~3e-5, a hundred times the bound.
+    """
+    u, steps, lr, c = 2.0**-24, 30, 1e-2, 16
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1,), (37,), (1000,), (64, 48), (4099,)]  # odd sizes: the vector loop's tails too
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(steps)]
+
+    def run(**impl: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        largest = [p.detach().abs() for p in params]  # |p| along the way, elementwise
+        opt = opt_cls(params, lr=lr, weight_decay=0.1, **impl)
+        for step in grads:
+            for p, gr in zip(params, step):
+                p.grad = gr.clone()
+            opt.step()
+            largest = [torch.maximum(m, p.detach().abs()) for m, p in zip(largest, params)]
+        return [p.detach() for p in params], largest
+
+    (fused, _), (loop, largest) = run(fused=True), run(foreach=False)
+    moved = 0.0
+    for f, ref, p0, big in zip(fused, loop, start, largest):
+        moved = max(moved, (ref - p0).abs().max().item())
+        excess = ((f - ref).abs() - steps * u * (big + c * lr)).max().item()
+        assert excess <= 0, f"fused is off the for-loop by more than the rounding bound (by {excess:.3g})"
+    assert moved > 10 * lr  # the parameters really moved: the bound is not met by doing nothing

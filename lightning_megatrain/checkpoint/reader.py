@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import struct
@@ -334,10 +335,55 @@ def check_state_dict(expected: Mapping[str, Tensor], got: Mapping[str, Any], str
         )
 
 
+@functools.lru_cache(maxsize=None)
+def _group_keys(cls: type) -> Optional[frozenset[str]]:
+    """The hyperparameters a group of ``cls`` holds by default (None: it cannot be built from defaults)."""
+    try:
+        return frozenset(cls([torch.zeros(1, requires_grad=True)]).param_groups[0]) - {"params"}  # no state made
+    except Exception:  # noqa: BLE001 - a class that needs more arguments is not identified
+        return None
+
+
+def _torch_optimizers() -> list[type]:
+    return [c for c in vars(torch.optim).values()
+            if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer]
+
+
+def _other_optimizer(optimizer: torch.optim.Optimizer, saved: set[str]) -> Optional[str]:
+    """The torch optimizers a checkpoint's groups (hyperparameters ``saved``) were written by, when that is
+    positively another one than ``optimizer`` (an older torch's own groups, or extra keys such as a
+    scheduler's ``initial_lr``, are not a mismatch)."""
+    cls = type(optimizer).__dict__.get("_megatrain_base", type(optimizer))  # megatrain's waiting subclass
+    torch_cls = next((c for c in cls.__mro__ if c in _torch_optimizers()), None)
+    mine = _group_keys(torch_cls) if torch_cls is not None else None
+    if mine is None:
+        return None
+    known = {c: k for c in _torch_optimizers() if (k := _group_keys(c)) is not None}
+    # hyperparameters of some torch optimizer that this one lacks (not a scheduler's initial_lr, not
+    # a key an older torch did not write yet)
+    foreign = (saved - mine) & set().union(*known.values())
+    if not foreign:
+        return None
+    fits = [(c, k) for c, k in known.items() if k <= saved and foreign <= k]
+    if not fits:
+        return "another optimizer (its groups hold " + ", ".join(sorted(foreign)) + ")"
+    most = max(len(k) for _, k in fits)
+    names = sorted(c.__name__ for c, k in fits if len(k) == most)
+    return " or ".join(names) if torch_cls.__name__ not in names else None
+
+
 def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any], limit: int = 10) -> None:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     problems = []
     saved_groups = state.get("param_groups", [])
+    other = _other_optimizer(optimizer, set().union(*(set(g) for g in saved_groups)) - {"params"})
+    if other is not None:
+        name = type(optimizer).__dict__.get("_megatrain_base", type(optimizer)).__name__
+        raise CheckpointMismatchError(
+            f"the checkpoint's optimizer state is of {other}, but the optimizer is {name}; nothing was loaded. "
+            "Resume with the optimizer the checkpoint was trained with, or load only the weights (the "
+            "checkpoint's state_dict, e.g. with LightningModule.load_state_dict) and start the optimizer afresh."
+        )
     if len(saved_groups) != len(optimizer.param_groups) or any(
         len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, optimizer.param_groups)
     ):
