@@ -339,6 +339,8 @@ class MegaTrainStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ communication (identity on one device)
     def barrier(self, name: Optional[str] = None) -> None:
+        # ModelCheckpoint(save_last="link") calls this right after linking last.ckpt (see StrategyCheckpoints.hold_links)
+        self._checkpoints.hold_links()
         if self.is_distributed and dist.is_initialized():
             barrier(self.root_device)
 
@@ -499,7 +501,9 @@ class MegaTrainStrategy(ParallelStrategy):
         self._checkpoints.finish_save()
         if isinstance(checkpoint_path, (str, Path)) and Path(checkpoint_path).is_dir():
             # checked whole before anything is restored: a damaged one raises CheckpointCorruptError
-            return load_sharded(checkpoint_path, weights_only=weights_only)
+            checkpoint = load_sharded(checkpoint_path, weights_only=weights_only)
+            self._checkpoints.loaded(checkpoint_path)
+            return checkpoint
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:

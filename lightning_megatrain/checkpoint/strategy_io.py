@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -31,6 +32,7 @@ class StrategyCheckpoints:
     def __init__(self, strategy: MegaTrainStrategy) -> None:
         self.strategy = strategy
         self.saving: Optional[ShardedSave] = None
+        self.complete: Optional[Path] = None  # the newest checkpoint known complete (saved or loaded here)
 
     # ------------------------------------------------------------------ saving
     def save(self, checkpoint: dict[str, Any], filepath: Any) -> bool:
@@ -82,6 +84,7 @@ class StrategyCheckpoints:
             s.runtime.gate = save.wait_group
         else:
             save.run()
+            self.complete = save.target
         return True
 
     def _groups(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -179,6 +182,19 @@ class StrategyCheckpoints:
         if runtime is not None and runtime.gate == save.wait_group:
             runtime.gate = None
         save.wait()  # CheckpointWriteError naming the path and the cause
+        self.complete = save.target
+
+    def hold_links(self) -> None:
+        """Links made to the checkpoint being written in the background (``ModelCheckpoint(save_last="link")``
+        links right after ``save_checkpoint`` returns) name the newest complete checkpoint until it is published."""
+        save = self.saving
+        if save is not None and self.strategy.is_global_zero:
+            save.hold_links(self.complete)
+
+    def loaded(self, path: Any) -> None:
+        """``path`` was loaded whole: the complete checkpoint links are held at while a save is in flight."""
+        if isinstance(path, (str, Path)) and Path(path).is_dir():
+            self.complete = Path(os.path.realpath(path))
 
     # ------------------------------------------------------------------ loading
     def load_model_state(self, checkpoint: Mapping[str, Any], strict: bool) -> Optional[Mapping[str, Any]]:

@@ -38,7 +38,7 @@ from .format import (
     _ShardWriter,
     _split,
 )
-from .publish import _publish, _tmp_name, remove_stale
+from .publish import _publish, _tmp_name, links_to, remove_stale, repoint_link
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,9 @@ class ShardedSave:
 
     In the background (``start``) the writer is not a daemon thread: a process that exits while a save
     is in flight finishes it first. Work that must wait until the checkpoint is published (deleting an
-    older one) is handed to ``after_publish``; it is dropped if the save fails.
+    older one) is handed to ``after_publish``; it is dropped if the save fails. Symbolic links made to the
+    target before it exists (``ModelCheckpoint(save_last="link")`` links as soon as ``save_checkpoint``
+    returns) are held at the previous checkpoint by ``hold_links`` and pointed at this one when it is published.
     """
 
     def __init__(
@@ -97,6 +99,9 @@ class ShardedSave:
         self._published = False
         self._aborted = False
         self._after: list[Any] = []
+        self._links: list[Path] = []  # links to the target held elsewhere until it is published
+        self._link_lock = threading.Lock()  # publish + retarget vs hold_links
+        self._links_final = False  # published (or failed): links made from now on are left alone
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._running = threading.Event()  # the writer thread has begun
@@ -156,6 +161,28 @@ class ShardedSave:
                 return
         fn()
 
+    def hold_links(self, fallback: Path | None) -> None:
+        """Links to the target while it does not exist yet: point them at ``fallback`` (a complete
+        checkpoint) or, without one, remove them, until this save is published, which points them at it.
+        If the save fails they stay at ``fallback``."""
+        with self._link_lock:
+            if self._links_final or self.target.exists():
+                return  # published, or an older checkpoint of that name is there until the atomic swap
+            for link in links_to(self.target):
+                if fallback is not None and fallback.exists() and os.path.realpath(fallback) != os.path.realpath(self.target):
+                    repoint_link(link, fallback)
+                else:
+                    link.unlink()
+                if link not in self._links:
+                    self._links.append(link)
+
+    def _retarget_links(self) -> None:
+        for link in self._links:
+            try:
+                repoint_link(link, self.target)
+            except OSError as err:  # the checkpoint is safe; the link still names the previous one
+                log.warning("checkpoint %s was saved, but pointing %s at it failed: %r", self.target, link, err)
+
     def abort(self) -> None:
         """Give the save up at the next tensor (its temporary directory is removed)."""
         with self._cond:
@@ -193,8 +220,10 @@ class ShardedSave:
         published = False
         try:
             self._write(tmp)
-            _publish(tmp, target)
-            published = True
+            with self._link_lock:
+                _publish(tmp, target)
+                published = self._links_final = True
+                self._retarget_links()  # before any older checkpoint is removed (after_publish)
         except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(err, Exception):
@@ -209,6 +238,8 @@ class ShardedSave:
                 log.warning("checkpoint %s was saved, but removing an older one failed: %r", target, err)
 
     def _finish(self, published: bool) -> list[Any]:
+        with self._link_lock:
+            self._links_final = True
         with self._cond:
             self._done = True
             self._published = published
