@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .checkpoint import DEFAULT_SHARD_BYTES, ShardedSave, load_sharded
+from .checkpoint import DEFAULT_SHARD_BYTES, load_sharded
 from .checkpoint.strategy_io import StrategyCheckpoints
 from .distributed import (  # noqa: F401 - ELEMENTWISE_OPTIMIZERS and _add_to_message: importable from here, as before
     ELEMENTWISE_OPTIMIZERS,
@@ -194,10 +194,7 @@ class MegaTrainStrategy(ParallelStrategy):
         self.memory_plan: Any = None
         self._checkpoints = StrategyCheckpoints(self)  # saves, the one in flight, removal, loads
 
-    @property
-    def _saving(self) -> Optional[ShardedSave]:
-        """The background save in flight (``async_checkpoint``), if any."""
-        return self._checkpoints.saving
+    _saving = property(lambda self: self._checkpoints.saving, doc="The background save in flight (async_checkpoint), if any.")
 
     # ------------------------------------------------------------------ devices and precision
     @property
@@ -369,6 +366,7 @@ class MegaTrainStrategy(ParallelStrategy):
         self.accelerator.setup(trainer)
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting:
+            self._checkpoints.drop_shares()
             self.setup_optimizers(trainer)
             for optimizer in self.optimizers:
                 check_optimizer(optimizer)
@@ -418,6 +416,7 @@ class MegaTrainStrategy(ParallelStrategy):
 
     def _detach(self) -> None:
         if self.runtime is not None:
+            self._checkpoints.keep_shares()  # data parallel: each rank's share of the optimizer state stays readable
             self.runtime.detach()
             self.runtime = None
             self.precision_plugin.runtime = None
@@ -473,16 +472,17 @@ class MegaTrainStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ checkpoints: wait for the pending step
     def wait(self) -> None:
-        """Block until the pending host optimizer step is done.
-
-        megatrain waits by itself wherever Lightning or the LightningModule reads parameters, gradients
-        or optimizer state (``zero_grad``, ``parameters()``, ``state_dict()``, checkpoints, validation). Call
-        this in code that reaches into submodules' weights between ``optimizer_step`` and the next forward.
-        """
+        """Block until the pending host optimizer step is done. megatrain waits by itself wherever Lightning or
+        the module reads parameters, gradients or optimizer state; call this in code that reaches into
+        submodules' weights between ``optimizer_step`` and the next forward."""
         if self.runtime is not None:
             self.runtime.wait()
 
     _wait = wait
+
+    def owned(self, param: Tensor) -> tuple[int, int]:
+        """The elements ``[lo, hi)`` of ``param.flatten()`` whose optimizer state this rank holds (docs/distributed.md)."""
+        return self._checkpoints.owned(param)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         self._wait()
