@@ -75,7 +75,7 @@ class MegaTrainStrategy(ParallelStrategy):
         async_checkpoint: write sharded checkpoints on a background thread while training goes on; each
             layer's next update waits until that layer's tensors are written, so the checkpoint is one step.
             Older checkpoints that ``ModelCheckpoint`` removes are deleted only once the new one is
-            published; a failed write is raised at the next training step.
+            published; a failed write is raised at the next training step. Several devices: see docs/distributed.md.
         checkpoint_checksums: record a CRC-32 of each shard in a sharded checkpoint's index, verified
             when it is loaded (catches silent corruption; costs a pass over the data on save and load).
         host_memory: how training state is held on the host (bytes per trainable parameter with AdamW and
@@ -294,7 +294,7 @@ class MegaTrainStrategy(ParallelStrategy):
             return
         # refuses options data parallel does not support, before any process starts
         self._launcher = make_launcher(
-            self, self.checkpoint_format, self.async_checkpoint, self._start_method, self.num_processes, self.num_nodes
+            self, self.checkpoint_format, self._start_method, self.num_processes, self.num_nodes
         )
 
     def set_world_ranks(self) -> None:

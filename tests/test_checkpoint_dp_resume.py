@@ -55,7 +55,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"the 2-process runs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    out = {name: [torch.load(tmp / f"{name}-rank{r}.pt", weights_only=False) for r in range(2)] for name in ("full", "resumed", "from_single", "after_fit", "resumed_after_fit")}
+    out = {name: [torch.load(tmp / f"{name}-rank{r}.pt", weights_only=False) for r in range(2)] for name in ("full", "resumed", "from_single", "after_fit", "resumed_after_fit", "async")}
     out["single"] = single
     out["dir"] = tmp
     return out
@@ -151,3 +151,24 @@ def test_a_checkpoint_saved_after_fit_resumes_at_any_world_size(runs: dict[str, 
         torch.testing.assert_close(dict(one.named_parameters())[name].detach(), p.detach(), rtol=RTOL, atol=ATOL)
         for rank, r in enumerate(resumed):
             torch.testing.assert_close(r["params"][name], p.detach(), rtol=RTOL, atol=ATOL, msg=lambda m, n=name, k=rank: f"rank {k}, {n}: {m}")
+
+
+def test_async_checkpoints_with_two_ranks_are_the_sync_ones(runs: dict[str, Any]) -> None:
+    """async_checkpoint=True on 2 ranks: each writes its shards in the background while training goes on;
+    the published checkpoints hold exactly what the synchronous saves hold, and training is unchanged."""
+    for rank, (full, run) in enumerate(zip(runs["full"], runs["async"])):
+        assert run["losses"] == full["losses"], rank
+        # the save of step 6 was still being written when step 7 started (writes are slowed down), on both ranks
+        assert run["saves"][6] == ("DistributedSave", False) and full["saves"][6] is None, (rank, run["saves"])
+    for step in (6, 12):
+        sync, got = (ck.load_sharded(runs["dir"] / d / f"step={step}.ckpt") for d in ("dp", "dp_async"))
+        assert json.loads((runs["dir"] / "dp_async" / f"step={step}.ckpt" / ck.META_FILE).read_text())["writers"] == 2
+        assert got["global_step"] == sync["global_step"] == step
+        for k, v in sync["state_dict"].items():
+            assert torch.equal(got["state_dict"][k], v), (step, k)
+        for idx, pstate in sync["optimizer_states"][0]["state"].items():
+            for key, v in pstate.items():
+                assert torch.equal(ck.materialize(got["optimizer_states"][0]["state"][idx][key]), ck.materialize(v)), (step, idx, key)
+    assert not [p for p in (runs["dir"] / "dp_async").iterdir() if p.name.startswith(".")]  # no temporary left
+    model = _single(ckpt_path=runs["dir"] / "dp_async" / "step=6.ckpt")  # and it resumes (2 -> 1)
+    torch.testing.assert_close(torch.tensor(model.losses), _global_losses(runs["full"])[6:], rtol=RTOL, atol=ATOL)

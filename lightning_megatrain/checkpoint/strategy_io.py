@@ -19,10 +19,28 @@ from .export import weights_source
 from .format import FROZEN_KEY, CheckpointMismatchError
 from .publish import remove_checkpoint as remove_checkpoint_dir
 from .reader import Pieces, check_optimizer_state, check_state_dict
-from .writer import ShardedSave, save_sharded_distributed
+from ..engine.procs import pid_alive
+from .writer import DistributedSave, ShardedSave, save_sharded_distributed
 
 if TYPE_CHECKING:
     from ..strategy import MegaTrainStrategy
+
+
+class _Progress:
+    """A data-parallel background save's progress on the node's board (``DistributedSave``'s ``board``)."""
+
+    def __init__(self, board: Any, timeout_s: float) -> None:
+        self.node_board, self.timeout_s = board, timeout_s
+
+    def publish(self, value: int) -> None:
+        self.node_board.publish("ckpt", value)
+
+    def wait(self, value: int) -> None:
+        self.node_board.wait_all("ckpt", value, self.timeout_s, "writing its part of the checkpoint")
+
+    def gone(self, ranks: list[int]) -> Optional[str]:
+        dead = [r for r in ranks if not pid_alive(int(self.node_board.table[r, 0]))]
+        return f"local rank(s) {dead} died before writing their part of the checkpoint" if dead else None
 
 
 @dataclass
@@ -48,6 +66,7 @@ class StrategyCheckpoints:
         self.saving: Optional[ShardedSave] = None
         self.complete: Optional[Path] = None  # the newest checkpoint known complete (saved or loaded here)
         self.shares: Optional[Shares] = None  # data parallel, after fit: what this rank's optimizer state covers
+        self.seq = 0  # data-parallel background saves started (the same count on every rank)
 
     # ------------------------------------------------------------------ saving
     def save(self, checkpoint: dict[str, Any], filepath: Any) -> bool:
@@ -74,6 +93,9 @@ class StrategyCheckpoints:
                 checkpoint = {**checkpoint, "optimizer_states": [runtime.shard_optimizer_state(o) for o in s.optimizers]}
             owned = [[(*runtime.owned(p), tuple(p.shape)) for g in o.param_groups for p in g["params"]] for o in s.optimizers]
             runtime.wait()  # also the node's other ranks: their updates of the shared weights are done
+            if s.async_checkpoint:
+                self._start_distributed(checkpoint, Path(filepath), owned)
+                return True
             save_sharded_distributed(
                 checkpoint, Path(filepath), owned, local_rank=collective.rank, local_size=collective.size, node=collective.node,
                 shard_bytes=s.checkpoint_shard_bytes, checksums=s.checkpoint_checksums,
@@ -152,6 +174,26 @@ class StrategyCheckpoints:
             checkpoint, filepath, owned, local_rank=local[0], local_size=local[1], node=local[2],
             shard_bytes=s.checkpoint_shard_bytes, checksums=s.checkpoint_checksums,
         )
+
+    def _start_distributed(self, checkpoint: dict[str, Any], filepath: Path, owned: list[Any]) -> None:
+        """Data parallel ``async_checkpoint``: every rank starts writing its share in the background (see
+        ``DistributedSave``); the node's optimizer updates of a layer wait until every rank has written it."""
+        s, collective, runtime = self.strategy, self.strategy.collective, self.strategy.runtime
+        assert collective is not None and runtime is not None
+        self.seq += 1
+        groups = self._groups({"state_dict": dict(checkpoint.get("state_dict", {}))})
+        save = DistributedSave(
+            checkpoint, filepath, owned, local_rank=collective.rank, local_size=collective.size, node=collective.node,
+            seq=self.seq, board=_Progress(collective.board, collective.timeout_s), timeout_s=collective.timeout_s,
+            shard_bytes=s.checkpoint_shard_bytes, checksums=s.checkpoint_checksums, **groups,
+        )
+        self.saving = save
+        try:
+            save.start()
+        except Exception:
+            self.saving = None
+            raise
+        runtime.gate = save.wait_group
 
     def _groups(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
         """Which streamed layer each tensor belongs to, so a save can go layer by layer; buffers are
