@@ -46,15 +46,10 @@ def check_elementwise_optimizer(optimizer: Optimizer) -> None:
 
 
 # ------------------------------------------------------------------ processes
-def make_launcher(strategy: pl.strategies.Strategy, checkpoint_format: str, async_checkpoint: bool, start_method: str,
+def make_launcher(strategy: pl.strategies.Strategy, checkpoint_format: str, start_method: str,
                   num_processes: int, num_nodes: int) -> Any:
     """The launcher of a data-parallel run, once Lightning knows the devices and nodes: the earliest point
     to refuse options data parallel does not support, before any process starts or anything is allocated."""
-    if async_checkpoint:
-        raise ValueError(
-            "async_checkpoint=True is not supported with several devices: every rank writes its shards of a "
-            "checkpoint while training waits. Use async_checkpoint=False, or train on one device."
-        )
     if checkpoint_format != "sharded":
         raise ValueError(
             "checkpoint_format='single_file' is not supported with several devices: each rank holds only its "

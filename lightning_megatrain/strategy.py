@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .checkpoint import DEFAULT_SHARD_BYTES, ShardedSave, load_sharded
+from .checkpoint import DEFAULT_SHARD_BYTES, load_sharded
 from .checkpoint.strategy_io import StrategyCheckpoints
 from .distributed import (  # noqa: F401 - ELEMENTWISE_OPTIMIZERS and _add_to_message: importable from here, as before
     ELEMENTWISE_OPTIMIZERS,
@@ -76,7 +76,7 @@ class MegaTrainStrategy(ParallelStrategy):
         async_checkpoint: write sharded checkpoints on a background thread while training goes on; each
             layer's next update waits until that layer's tensors are written, so the checkpoint is one step.
             Older checkpoints that ``ModelCheckpoint`` removes are deleted only once the new one is
-            published; a failed write is raised at the next training step.
+            published; a failed write is raised at the next training step. Several devices: see docs/distributed.md.
         checkpoint_checksums: record a CRC-32 of each shard in a sharded checkpoint's index, verified
             when it is loaded (catches silent corruption; costs a pass over the data on save and load).
         host_memory: how training state is held on the host (bytes per trainable parameter with AdamW and
@@ -196,10 +196,7 @@ class MegaTrainStrategy(ParallelStrategy):
         self.memory_plan: Any = None
         self._checkpoints = StrategyCheckpoints(self)  # saves, the one in flight, removal, loads
 
-    @property
-    def _saving(self) -> Optional[ShardedSave]:
-        """The background save in flight (``async_checkpoint``), if any."""
-        return self._checkpoints.saving
+    _saving = property(lambda self: self._checkpoints.saving, doc="The background save in flight (async_checkpoint), if any.")
 
     # ------------------------------------------------------------------ devices and precision
     @property
@@ -299,7 +296,7 @@ class MegaTrainStrategy(ParallelStrategy):
             return
         # refuses options data parallel does not support, before any process starts
         self._launcher = make_launcher(
-            self, self.checkpoint_format, self.async_checkpoint, self._start_method, self.num_processes, self.num_nodes
+            self, self.checkpoint_format, self._start_method, self.num_processes, self.num_nodes
         )
 
     def set_world_ranks(self) -> None:
@@ -341,6 +338,8 @@ class MegaTrainStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ communication (identity on one device)
     def barrier(self, name: Optional[str] = None) -> None:
+        # ModelCheckpoint(save_last="link") calls this right after linking last.ckpt (see StrategyCheckpoints.hold_links)
+        self._checkpoints.hold_links()
         if self.is_distributed and dist.is_initialized():
             barrier(self.root_device)
 
@@ -369,6 +368,7 @@ class MegaTrainStrategy(ParallelStrategy):
         self.accelerator.setup(trainer)
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting:
+            self._checkpoints.drop_shares()
             self.setup_optimizers(trainer)
             for optimizer in self.optimizers:
                 check_optimizer(optimizer)
@@ -417,8 +417,13 @@ class MegaTrainStrategy(ParallelStrategy):
         _run_every(steps, failure)
 
     def _detach(self) -> None:
-        runtime, self.runtime = self.runtime, None
-        if runtime is not None:
+        runtime = self.runtime
+        if runtime is None:
+            return
+        try:
+            self._checkpoints.keep_shares()  # data parallel: each rank's share of the optimizer state stays readable
+        finally:
+            self.runtime = None
             try:
                 runtime.detach()
             finally:
@@ -475,16 +480,17 @@ class MegaTrainStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ checkpoints: wait for the pending step
     def wait(self) -> None:
-        """Block until the pending host optimizer step is done.
-
-        megatrain waits by itself wherever Lightning or the LightningModule reads parameters, gradients
-        or optimizer state (``zero_grad``, ``parameters()``, ``state_dict()``, checkpoints, validation). Call
-        this in code that reaches into submodules' weights between ``optimizer_step`` and the next forward.
-        """
+        """Block until the pending host optimizer step is done. megatrain waits by itself wherever Lightning or
+        the module reads parameters, gradients or optimizer state; call this in code that reaches into
+        submodules' weights between ``optimizer_step`` and the next forward."""
         if self.runtime is not None:
             self.runtime.wait()
 
     _wait = wait
+
+    def owned(self, param: Tensor) -> tuple[int, int]:
+        """The elements ``[lo, hi)`` of ``param.flatten()`` whose optimizer state this rank holds (docs/distributed.md)."""
+        return self._checkpoints.owned(param)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         self._wait()
@@ -503,7 +509,9 @@ class MegaTrainStrategy(ParallelStrategy):
         self._checkpoints.finish_save()
         if isinstance(checkpoint_path, (str, Path)) and Path(checkpoint_path).is_dir():
             # checked whole before anything is restored: a damaged one raises CheckpointCorruptError
-            return load_sharded(checkpoint_path, weights_only=weights_only)
+            checkpoint = load_sharded(checkpoint_path, weights_only=weights_only)
+            self._checkpoints.loaded(checkpoint_path)
+            return checkpoint
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:

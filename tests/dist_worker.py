@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
 import lightning_megatrain  # noqa: E402,F401  (registers "megatrain")
 from lightning_megatrain import MegaTrainStrategy  # noqa: E402
+from lightning_megatrain import checkpoint as ck  # noqa: E402
 from models import HFLM, BlockLM, SameKernel, data, is_megatrain  # noqa: E402
 
 
@@ -225,9 +226,9 @@ def run_fault(k: int, out: Path) -> None:
 
 
 def run_refusals(k: int, out: Path) -> None:
-    """What data parallel refuses at run time, with a message: a training checkpoint after fit (the ranks'
-    optimizer state is gone; weights only still work) and a predict loader that gives ranks different
-    numbers of batches."""
+    """A training checkpoint after fit (written from each rank's share of the optimizer state; weights only
+    too), and what data parallel refuses at run time, with a message: a predict loader that gives ranks
+    different numbers of batches."""
     seen = []
     L.seed_everything(0)
     model = BlockLM()
@@ -236,7 +237,8 @@ def run_refusals(k: int, out: Path) -> None:
     trainer.fit(model, data(n=24, batch_size=4))
     try:
         trainer.save_checkpoint(out / "after-fit")
-        seen.append("after-fit: saved")
+        states = ck.load_sharded(out / "after-fit")["optimizer_states"][0]["state"]
+        seen.append(f"after-fit: saved, optimizer state of {len(states)} parameters")
     except RuntimeError as err:
         seen.append(f"after-fit: {err}")
     trainer.save_checkpoint(out / "after-fit-weights", weights_only=True)

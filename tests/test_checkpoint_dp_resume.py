@@ -33,11 +33,14 @@ def _global_batches() -> DataLoader:
     return DataLoader(dataset, batch_size=4, sampler=DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0))
 
 
-def _single(ckpt_path: Any = None, checkpoints: Path | None = None) -> BlockLM:
+def _single(ckpt_path: Any = None, checkpoints: Path | None = None, max_steps: int = 12, save_after: Path | None = None) -> BlockLM:
     L.seed_everything(0)
     model = BlockLM(dropout=0.0)
     cbs = [ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=6, save_top_k=-1, filename="{step}")] if checkpoints else []
-    trainer("megatrain", max_steps=12, enable_checkpointing=bool(checkpoints), callbacks=cbs).fit(model, _global_batches(), ckpt_path=ckpt_path)
+    t = trainer("megatrain", max_steps=max_steps, enable_checkpointing=bool(checkpoints), callbacks=cbs)
+    t.fit(model, _global_batches(), ckpt_path=ckpt_path)
+    if save_after is not None:
+        t.save_checkpoint(save_after)
     return model
 
 
@@ -52,7 +55,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"the 2-process runs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    out = {name: [torch.load(tmp / f"{name}-rank{r}.pt", weights_only=False) for r in range(2)] for name in ("full", "resumed", "from_single")}
+    out = {name: [torch.load(tmp / f"{name}-rank{r}.pt", weights_only=False) for r in range(2)] for name in ("full", "resumed", "from_single", "after_fit", "resumed_after_fit", "async")}
     out["single"] = single
     out["dir"] = tmp
     return out
@@ -102,3 +105,70 @@ def test_resume_on_two_ranks_from_one_device(runs: dict[str, Any]) -> None:
     for name, p in single.named_parameters():
         for rank, r in enumerate(resumed):
             torch.testing.assert_close(r["params"][name], p.detach(), rtol=RTOL, atol=ATOL, msg=lambda m, n=name, k=rank: f"rank {k}, {n}: {m}")
+
+
+def test_after_fit_each_rank_holds_its_share_of_the_optimizer_state(runs: dict[str, Any]) -> None:
+    """As with DDP, the optimizer's state is there after fit: on each rank the elements it owns."""
+    at6 = ck.load_sharded(runs["dir"] / "dp" / "step=6.ckpt")["optimizer_states"][0]["state"]
+    names = list(runs["after_fit"][0]["params"])
+    for idx, name in enumerate(names):
+        numel = runs["after_fit"][0]["params"][name].numel()
+        covered = 0
+        for rank in runs["after_fit"]:
+            lo, hi = rank["owned"][name]
+            covered += hi - lo
+            if hi == lo:
+                assert name not in rank["state"]
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(rank["state"][name][key], ck.owned_slice(at6[idx][key], lo, hi)), (name, key)
+            assert torch.equal(rank["state"][name]["step"], at6[idx]["step"])
+        assert covered == numel, name  # the ranks' shares cover each element once
+
+
+def test_a_checkpoint_saved_after_fit_resumes_at_any_world_size(runs: dict[str, Any]) -> None:
+    """trainer.save_checkpoint after a 2-rank fit: the full training state (the step-6 checkpoint's weights and
+    optimizer state), resumed on 2 ranks (2 -> 2) and on one device (2 -> 1) as one device resumes its own."""
+    after = ck.load_sharded(runs["dir"] / "dp" / "after_fit.ckpt")
+    at6 = ck.load_sharded(runs["dir"] / "dp" / "step=6.ckpt")
+    assert after["global_step"] == at6["global_step"] == 6
+    for k, v in at6["state_dict"].items():
+        assert torch.equal(after["state_dict"][k], v), k
+    for idx, pstate in at6["optimizer_states"][0]["state"].items():
+        for key, v in pstate.items():
+            assert torch.equal(ck.materialize(after["optimizer_states"][0]["state"][idx][key]), ck.materialize(v)), (idx, key)
+    # the reference: one device saving after its 6-step fit and resuming (the scheduler stepped once more
+    # than in the step-6 checkpoint, which ModelCheckpoint wrote before the scheduler's step)
+    _single(max_steps=6, save_after=runs["dir"] / "single_after_fit.ckpt")
+    reference = _single(ckpt_path=runs["dir"] / "single_after_fit.ckpt")
+    assert len(reference.losses) == 6
+    resumed = runs["resumed_after_fit"]
+    assert all(len(r["losses"]) == 6 for r in resumed)  # 2 -> 2
+    torch.testing.assert_close(_global_losses(resumed), torch.tensor(reference.losses), rtol=RTOL, atol=ATOL)
+    one = _single(ckpt_path=runs["dir"] / "dp" / "after_fit.ckpt")  # 2 -> 1
+    torch.testing.assert_close(torch.tensor(one.losses), torch.tensor(reference.losses), rtol=RTOL, atol=ATOL)
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(dict(one.named_parameters())[name].detach(), p.detach(), rtol=RTOL, atol=ATOL)
+        for rank, r in enumerate(resumed):
+            torch.testing.assert_close(r["params"][name], p.detach(), rtol=RTOL, atol=ATOL, msg=lambda m, n=name, k=rank: f"rank {k}, {n}: {m}")
+
+
+def test_async_checkpoints_with_two_ranks_are_the_sync_ones(runs: dict[str, Any]) -> None:
+    """async_checkpoint=True on 2 ranks: each writes its shards in the background while training goes on;
+    the published checkpoints hold exactly what the synchronous saves hold, and training is unchanged."""
+    for rank, (full, run) in enumerate(zip(runs["full"], runs["async"])):
+        assert run["losses"] == full["losses"], rank
+        # the save of step 6 was still being written when step 7 started (writes are slowed down), on both ranks
+        assert run["saves"][6] == ("DistributedSave", False) and full["saves"][6] is None, (rank, run["saves"])
+    for step in (6, 12):
+        sync, got = (ck.load_sharded(runs["dir"] / d / f"step={step}.ckpt") for d in ("dp", "dp_async"))
+        assert json.loads((runs["dir"] / "dp_async" / f"step={step}.ckpt" / ck.META_FILE).read_text())["writers"] == 2
+        assert got["global_step"] == sync["global_step"] == step
+        for k, v in sync["state_dict"].items():
+            assert torch.equal(got["state_dict"][k], v), (step, k)
+        for idx, pstate in sync["optimizer_states"][0]["state"].items():
+            for key, v in pstate.items():
+                assert torch.equal(ck.materialize(got["optimizer_states"][0]["state"][idx][key]), ck.materialize(v)), (step, idx, key)
+    assert not [p for p in (runs["dir"] / "dp_async").iterdir() if p.name.startswith(".")]  # no temporary left
+    model = _single(ckpt_path=runs["dir"] / "dp_async" / "step=6.ckpt")  # and it resumes (2 -> 1)
+    torch.testing.assert_close(torch.tensor(model.losses), _global_losses(runs["full"])[6:], rtol=RTOL, atol=ATOL)

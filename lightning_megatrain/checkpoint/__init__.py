@@ -103,6 +103,7 @@ from .reader import (
     read_safetensors,
 )
 from .writer import (
+    DistributedSave,
     ShardedSave,
     _Abandoned,
     _assign_model,

@@ -88,6 +88,33 @@ def remove_checkpoint(path: _PathLike) -> None:
         path.unlink()
 
 
+def links_to(target: Path) -> list[Path]:
+    """The symbolic links in ``target``'s directory that resolve to ``target`` (which may not exist yet)."""
+    want = os.path.realpath(target)
+    out = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.is_symlink() and not _AUX.match(entry.name) and os.path.realpath(entry.path) == want:
+            out.append(Path(entry.path))
+    return out
+
+
+def repoint_link(link: Path, dest: Path) -> None:
+    """Make ``link`` a symbolic link to ``dest`` (relative, as ``ModelCheckpoint`` makes them), replacing
+    what was there atomically: the link exists at every moment, naming the old or the new checkpoint."""
+    tmp = _aux_name(link, "tmp")
+    os.symlink(os.path.relpath(dest, link.parent), tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink()
+        raise
+    _fsync_dir(link.parent)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -17,10 +19,41 @@ from .export import weights_source
 from .format import FROZEN_KEY, CheckpointMismatchError
 from .publish import remove_checkpoint as remove_checkpoint_dir
 from .reader import Pieces, check_optimizer_state, check_state_dict
-from .writer import ShardedSave, save_sharded_distributed
+from ..engine.procs import pid_alive
+from .writer import DistributedSave, ShardedSave, save_sharded_distributed
 
 if TYPE_CHECKING:
     from ..strategy import MegaTrainStrategy
+
+
+class _Progress:
+    """A data-parallel background save's progress on the node's board (``DistributedSave``'s ``board``)."""
+
+    def __init__(self, board: Any, timeout_s: float) -> None:
+        self.node_board, self.timeout_s = board, timeout_s
+
+    def publish(self, value: int) -> None:
+        self.node_board.publish("ckpt", value)
+
+    def wait(self, value: int) -> None:
+        self.node_board.wait_all("ckpt", value, self.timeout_s, "writing its part of the checkpoint")
+
+    def gone(self, ranks: list[int]) -> Optional[str]:
+        dead = [r for r in ranks if not pid_alive(int(self.node_board.table[r, 0]))]
+        return f"local rank(s) {dead} died before writing their part of the checkpoint" if dead else None
+
+
+@dataclass
+class Shares:
+    """What a data-parallel rank's optimizer state covers once its fit has ended: per optimizer (by id) the
+    ``(lo, hi, shape)`` of each parameter in param_groups order, ``(lo, hi)`` by parameter id, its place."""
+
+    owned: dict[int, list[tuple[int, int, tuple[int, ...]]]]
+    elements: dict[int, tuple[int, int]]
+    local_rank: int
+    local_size: int
+    node: int
+    optimizers: list[Any]
 
 
 class StrategyCheckpoints:
@@ -31,6 +64,9 @@ class StrategyCheckpoints:
     def __init__(self, strategy: MegaTrainStrategy) -> None:
         self.strategy = strategy
         self.saving: Optional[ShardedSave] = None
+        self.complete: Optional[Path] = None  # the newest checkpoint known complete (saved or loaded here)
+        self.shares: Optional[Shares] = None  # data parallel, after fit: what this rank's optimizer state covers
+        self.seq = 0  # data-parallel background saves started (the same count on every rank)
 
     # ------------------------------------------------------------------ saving
     def save(self, checkpoint: dict[str, Any], filepath: Any) -> bool:
@@ -43,14 +79,10 @@ class StrategyCheckpoints:
             checkpoint[FROZEN_KEY] = {"names": sorted(omit), "source": weights_source(s.lightning_module)}
         if s.checkpoint_format == "single_file":
             return False
-        collective = s.collective if s.runtime is not None else None
-        if collective is None and s.is_distributed and "optimizer_states" in checkpoint:
-            raise RuntimeError(
-                "megatrain with several devices cannot save a training checkpoint after fit has ended: each rank's "
-                "share of the optimizer state lived in the training run. Save during fit (ModelCheckpoint, or "
-                "trainer.save_checkpoint in a hook such as on_train_end), or save weights only with "
-                "trainer.save_checkpoint(path, weights_only=True)."
-            )
+        collective = s.collective if s.runtime is not None and s.config.grads else None  # a fit's live shards
+        if collective is None and s.is_distributed and dist.is_initialized():
+            self._save_shares(checkpoint, Path(filepath))  # after fit: each rank's share, in optimizer.state
+            return True
         if collective is not None:
             # data parallel: every rank writes its share into one directory (each rank holds only its
             # elements of the optimizer state); rank 0 writes the indexes and publishes it
@@ -61,6 +93,9 @@ class StrategyCheckpoints:
                 checkpoint = {**checkpoint, "optimizer_states": [runtime.shard_optimizer_state(o) for o in s.optimizers]}
             owned = [[(*runtime.owned(p), tuple(p.shape)) for g in o.param_groups for p in g["params"]] for o in s.optimizers]
             runtime.wait()  # also the node's other ranks: their updates of the shared weights are done
+            if s.async_checkpoint:
+                self._start_distributed(checkpoint, Path(filepath), owned)
+                return True
             save_sharded_distributed(
                 checkpoint, Path(filepath), owned, local_rank=collective.rank, local_size=collective.size, node=collective.node,
                 shard_bytes=s.checkpoint_shard_bytes, checksums=s.checkpoint_checksums,
@@ -82,7 +117,83 @@ class StrategyCheckpoints:
             s.runtime.gate = save.wait_group
         else:
             save.run()
+            self.complete = save.target
         return True
+
+    def keep_shares(self) -> None:
+        """Data parallel, before a fit's runtime is detached: which elements of each parameter this rank owns,
+        so that the share of the optimizer state it leaves in ``optimizer.state`` can be saved and read after
+        fit (until a new fit starts)."""
+        s = self.strategy
+        runtime, collective = s.runtime, s.collective
+        if runtime is None or collective is None or not s.config.grads:
+            return
+        self.shares = Shares(
+            {id(o): runtime.owned_ranges(o) for o in s.optimizers},
+            {id(p): runtime.owned(p) for o in s.optimizers for g in o.param_groups for p in g["params"]},
+            collective.rank, collective.size, collective.node, list(s.optimizers),
+        )
+
+    def drop_shares(self) -> None:
+        """A new fit starts: the previous fit's shares of the optimizer state are not the optimizers' any more."""
+        shares, self.shares = self.shares, None
+        if shares is not None:
+            for optimizer in shares.optimizers:
+                for p in [p for p in optimizer.state if id(p) in shares.elements]:
+                    del optimizer.state[p]
+
+    def owned(self, param: Tensor) -> tuple[int, int]:
+        """The flat elements ``[lo, hi)`` of ``param`` whose optimizer state this rank holds (all on one device)."""
+        s = self.strategy
+        if s.runtime is not None and (s.config.grads or self.shares is None):
+            return s.runtime.owned(param)
+        if self.shares is not None:
+            return self.shares.elements.get(id(param), (0, 0))
+        return (0, param.numel())
+
+    def _save_shares(self, checkpoint: dict[str, Any], filepath: Path) -> None:
+        """Data parallel outside a fit: every rank writes the share of the optimizer state the last fit left it."""
+        s, shares = self.strategy, self.shares
+        owned = []
+        for i, optimizer in enumerate(s.optimizers):
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            ranges = shares.owned.get(id(optimizer)) if shares is not None else None
+            if ranges is None or len(ranges) != len(params):
+                if checkpoint.get("optimizer_states", [{}] * (i + 1))[i].get("state"):
+                    raise RuntimeError(
+                        "megatrain with several devices cannot save this optimizer's state: it was not stepped in this "
+                        "strategy's last fit, so no rank knows which part it holds. Save during or right after that fit, "
+                        "or save weights only with trainer.save_checkpoint(path, weights_only=True)."
+                    )
+                ranges = [(0, 0, tuple(p.shape)) for p in params]
+            owned.append(ranges)
+        if "state_dict" in checkpoint:
+            checkpoint = {**checkpoint, "state_dict": self._rank0_buffers(checkpoint["state_dict"])}
+        local = (shares.local_rank, shares.local_size, shares.node) if shares is not None else (s.local_rank, s.num_processes, s.node_rank)
+        save_sharded_distributed(
+            checkpoint, filepath, owned, local_rank=local[0], local_size=local[1], node=local[2],
+            shard_bytes=s.checkpoint_shard_bytes, checksums=s.checkpoint_checksums,
+        )
+
+    def _start_distributed(self, checkpoint: dict[str, Any], filepath: Path, owned: list[Any]) -> None:
+        """Data parallel ``async_checkpoint``: every rank starts writing its share in the background (see
+        ``DistributedSave``); the node's optimizer updates of a layer wait until every rank has written it."""
+        s, collective, runtime = self.strategy, self.strategy.collective, self.strategy.runtime
+        assert collective is not None and runtime is not None
+        self.seq += 1
+        groups = self._groups({"state_dict": dict(checkpoint.get("state_dict", {}))})
+        save = DistributedSave(
+            checkpoint, filepath, owned, local_rank=collective.rank, local_size=collective.size, node=collective.node,
+            seq=self.seq, board=_Progress(collective.board, collective.timeout_s), timeout_s=collective.timeout_s,
+            shard_bytes=s.checkpoint_shard_bytes, checksums=s.checkpoint_checksums, **groups,
+        )
+        self.saving = save
+        try:
+            save.start()
+        except Exception:
+            self.saving = None
+            raise
+        runtime.gate = save.wait_group
 
     def _groups(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
         """Which streamed layer each tensor belongs to, so a save can go layer by layer; buffers are
@@ -179,6 +290,19 @@ class StrategyCheckpoints:
         if runtime is not None and runtime.gate == save.wait_group:
             runtime.gate = None
         save.wait()  # CheckpointWriteError naming the path and the cause
+        self.complete = save.target
+
+    def hold_links(self) -> None:
+        """Links made to the checkpoint being written in the background (``ModelCheckpoint(save_last="link")``
+        links right after ``save_checkpoint`` returns) name the newest complete checkpoint until it is published."""
+        save = self.saving
+        if save is not None and self.strategy.is_global_zero:
+            save.hold_links(self.complete)
+
+    def loaded(self, path: Any) -> None:
+        """``path`` was loaded whole: the complete checkpoint links are held at while a save is in flight."""
+        if isinstance(path, (str, Path)) and Path(path).is_dir():
+            self.complete = Path(os.path.realpath(path))
 
     # ------------------------------------------------------------------ loading
     def load_model_state(self, checkpoint: Mapping[str, Any], strict: bool) -> Optional[Mapping[str, Any]]:

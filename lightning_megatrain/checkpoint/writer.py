@@ -38,7 +38,7 @@ from .format import (
     _ShardWriter,
     _split,
 )
-from .publish import _publish, _tmp_name, remove_stale
+from .publish import _publish, _tmp_name, links_to, remove_stale, repoint_link
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,9 @@ class ShardedSave:
 
     In the background (``start``) the writer is not a daemon thread: a process that exits while a save
     is in flight finishes it first. Work that must wait until the checkpoint is published (deleting an
-    older one) is handed to ``after_publish``; it is dropped if the save fails.
+    older one) is handed to ``after_publish``; it is dropped if the save fails. Symbolic links made to the
+    target before it exists (``ModelCheckpoint(save_last="link")`` links as soon as ``save_checkpoint``
+    returns) are held at the previous checkpoint by ``hold_links`` and pointed at this one when it is published.
     """
 
     def __init__(
@@ -97,6 +99,9 @@ class ShardedSave:
         self._published = False
         self._aborted = False
         self._after: list[Any] = []
+        self._links: list[Path] = []  # links to the target held elsewhere until it is published
+        self._link_lock = threading.Lock()  # publish + retarget vs hold_links
+        self._links_final = False  # published (or failed): links made from now on are left alone
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._running = threading.Event()  # the writer thread has begun
@@ -156,6 +161,28 @@ class ShardedSave:
                 return
         fn()
 
+    def hold_links(self, fallback: Path | None) -> None:
+        """Links to the target while it does not exist yet: point them at ``fallback`` (a complete
+        checkpoint) or, without one, remove them, until this save is published, which points them at it.
+        If the save fails they stay at ``fallback``."""
+        with self._link_lock:
+            if self._links_final or self.target.exists():
+                return  # published, or an older checkpoint of that name is there until the atomic swap
+            for link in links_to(self.target):
+                if fallback is not None and fallback.exists() and os.path.realpath(fallback) != os.path.realpath(self.target):
+                    repoint_link(link, fallback)
+                else:
+                    link.unlink()
+                if link not in self._links:
+                    self._links.append(link)
+
+    def _retarget_links(self) -> None:
+        for link in self._links:
+            try:
+                repoint_link(link, self.target)
+            except OSError as err:  # the checkpoint is safe; the link still names the previous one
+                log.warning("checkpoint %s was saved, but pointing %s at it failed: %r", self.target, link, err)
+
     def abort(self) -> None:
         """Give the save up at the next tensor (its temporary directory is removed)."""
         with self._cond:
@@ -193,8 +220,10 @@ class ShardedSave:
         published = False
         try:
             self._write(tmp)
-            _publish(tmp, target)
-            published = True
+            with self._link_lock:
+                _publish(tmp, target)
+                published = self._links_final = True
+                self._retarget_links()  # before any older checkpoint is removed (after_publish)
         except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(err, Exception):
@@ -209,6 +238,8 @@ class ShardedSave:
                 log.warning("checkpoint %s was saved, but removing an older one failed: %r", target, err)
 
     def _finish(self, published: bool) -> list[Any]:
+        with self._link_lock:
+            self._links_final = True
         with self._cond:
             self._done = True
             self._published = published
@@ -317,7 +348,8 @@ class _RankFailed(Exception):
 
 
 def _piece_items(
-    checkpoint: Mapping[str, Any], owned: Sequence[Sequence[tuple[int, int, Sequence[int]]]], rank: int
+    checkpoint: Mapping[str, Any], owned: Sequence[Sequence[tuple[int, int, Sequence[int]]]], rank: int,
+    groups: Sequence[Mapping[int, int]] = (),
 ) -> tuple[list[_Item], dict[str, list[Any]], list[str]]:
     """This rank's optimizer tensors to write: 1-D pieces named ``<logical>@<lo>`` and the 0-d tensors of
     the parameters whose first element it owns; the pieces' index entries; the names stored whole."""
@@ -335,20 +367,21 @@ def _piece_items(
                 numel *= int(d)
             if not 0 <= lo <= hi <= numel:
                 raise ValueError(f"owned range [{lo}, {hi}) of parameter {idx} of optimizer {i} is not within its {numel} elements")
+            group = groups[i].get(idx, 0) if i < len(groups) else 0
             for key, v in pstate.items():
                 if not isinstance(v, Tensor):
                     continue
                 name = f"optimizer_states.{i}.state.{idx}.{key}"  # the name _split gives it (the skeleton's reference)
                 if v.dim() == 0:
                     if lo == 0 and hi > 0:
-                        items.append(_Item("optimizer", name, v, 0))
+                        items.append(_Item("optimizer", name, v, group))
                         whole.append(name)
                 elif v.dim() == 1 and v.numel() == hi - lo:
                     if v.dtype not in _DTYPES:
                         raise TypeError(f"cannot write tensor {name!r} of dtype {v.dtype} to safetensors")
                     if hi > lo:
                         stored = f"{name}@{lo}"
-                        items.append(_Item("optimizer", stored, v, 0))
+                        items.append(_Item("optimizer", stored, v, group))
                         pieces[name] = [[int(d) for d in shape], _DTYPES[v.dtype], lo, hi, stored]
                 else:
                     raise ValueError(
@@ -537,3 +570,184 @@ def _finish_distributed(
         with open(tmp / name, "rb+") as f:
             os.fsync(f.fileno())
 
+
+
+# ----------------------------------------------------------------------------- data parallel, in the background
+_REPORT = ".megatrain-report-r{rank:05d}.pt"
+_DONE = 1 << 31  # a rank's progress value once its writer has ended
+
+
+class DistributedSave(ShardedSave):
+    """One data-parallel save written in the background (``async_checkpoint`` with several devices).
+
+    Made on every rank at once (a collective: rank 0 makes the temporary directory and tells the others).
+    Then each rank of node 0 writes its files on a thread of its own, layer by layer, and publishes its
+    progress on ``board`` (node-shared counters: ``publish(value)``, ``wait(value)`` until every rank of the
+    node is there, ``gone(ranks)`` a sentence naming ranks whose process died, or None); ``wait_group(g)``, the gate of the node's optimizer
+    updates, returns once every rank of the node has written its tensors of layer ``g`` (the weights are
+    shared: another rank's update must not change what this one is writing). A rank that is done writes a
+    report file into the directory; rank 0's thread waits for every report, writes the indexes and
+    publishes, so a checkpoint is published only when every rank's part is complete. If any part fails,
+    nothing is published, the directory is removed, and rank 0 raises the failures (each rank its own).
+    No collective runs in the background: the training thread keeps the process group to itself.
+    """
+
+    def __init__(
+        self, checkpoint: Mapping[str, Any], path: _PathLike, owned: Sequence[Sequence[tuple[int, int, Sequence[int]]]],
+        local_rank: int, local_size: int, node: int, seq: int, board: Any, timeout_s: float,
+        shard_bytes: int = DEFAULT_SHARD_BYTES, checksums: bool = False,
+        model_groups: Mapping[str, int] | None = None, optimizer_groups: Sequence[Mapping[int, int]] = (),
+    ) -> None:
+        import torch.distributed as dist
+
+        if shard_bytes <= 0:
+            raise ValueError(f"shard size must be positive, got {shard_bytes}")
+        self.target = Path(path)
+        self.rank, self.local_rank, self.local_size, self.node = dist.get_rank(), local_rank, local_size, node
+        self.base, self.board, self.timeout_s = seq << 32, board, timeout_s
+        self.shard_bytes, self.checksums = shard_bytes, checksums
+        self._cond = threading.Condition()
+        self._written_group, self._done, self._published, self._aborted = -1, False, False, False
+        self._after: list[Any] = []
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._running, self._ended = threading.Event(), threading.Event()
+        self._links, self._link_lock, self._links_final = [], threading.Lock(), False
+        # 1. rank 0 makes the temporary directory beside the target and tells every rank (on this thread)
+        head: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                self.target.parent.mkdir(parents=True, exist_ok=True)
+                remove_stale(self.target.parent)
+                tmp = _tmp_name(self.target)
+                tmp.mkdir()
+                head = [str(tmp)]
+            except OSError as err:
+                head = [{"error": self._failure(err)}]
+        dist.broadcast_object_list(head, src=0)
+        if isinstance(head[0], dict):
+            raise CheckpointWriteError(self.target, _RankFailed(head[0]["error"]))
+        self.tmp = Path(head[0])
+        # 2. what this rank writes, decided now (the rest of the checkpoint holds live objects)
+        self.streams: list[tuple[_ShardStream, list[_Item]]] = []
+        self.model_files: list[list[tuple[str, list[_Item]]]] = []
+        skeleton: dict[str, Any] = {}
+        self._report: dict[str, Any] = {}
+        if node == 0:
+            skeleton, items = _split(checkpoint, {}, [])
+            groups = model_groups or {}
+            model = [_Item(it.kind, it.name, it.tensor, groups.get(it.name, 0)) for it in items if it.kind == "model"]
+            writer_of = _assign_model(model, local_size)
+            plans = [_plan([it for it, r in zip(model, writer_of) if r == q], shard_bytes) for q in range(local_size)]
+            count = sum(len(p) for p in plans)
+            numbers = iter(range(1, count + 1))
+            self.model_files = [[(f"model-{next(numbers):05d}-of-{count:05d}.safetensors", shard) for shard in p] for p in plans]
+            opt_items, pieces, whole = _piece_items(checkpoint, owned, self.rank, optimizer_groups)
+            opt_files = [(f"optimizer-r{self.rank:05d}-{k + 1:05d}.safetensors", shard) for k, shard in enumerate(_plan(opt_items, shard_bytes))]
+            for files in (self.model_files[local_rank], opt_files):
+                self.streams.append((_ShardStream(self.tmp, files, checksums), [it for _, shard in files for it in shard]))
+            self._report = {
+                "opt_map": {it.name: fname for fname, shard in opt_files for it in shard},
+                "opt_bytes": sum(_nbytes(it.tensor) for it in opt_items), "pieces": pieces, "whole": whole,
+                "states": [osd["state"] for osd in skeleton.get("optimizer_states", [])],
+            }
+        buffer = io.BytesIO()
+        torch.save(skeleton, buffer)
+        self._state_bytes = buffer.getvalue()
+
+    def _failure(self, err: BaseException) -> str:
+        return f"rank {self.rank} (local rank {self.local_rank} of node {self.node}): {type(err).__name__}: {err}"
+
+    def wait_group(self, group: int) -> None:
+        """Until every rank of the node has written its tensors of ``group`` (or its writer has ended)."""
+        if self.node == 0:
+            self.board.wait(self.base + group + 1)
+
+    def run(self) -> None:
+        published = False
+        try:
+            if self.node == 0:
+                self._write_part()
+            if self.rank == 0:
+                self._gather_and_publish()
+                published = True
+        except BaseException as err:
+            if self.rank == 0:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(err, CheckpointWriteError) or not isinstance(err, Exception):
+                raise
+            raise CheckpointWriteError(self.target, err) from err
+        finally:
+            after = self._finish(published)
+        for fn in after:
+            try:
+                fn()
+            except Exception as err:  # noqa: BLE001 - the new checkpoint is safe; an old one stays behind
+                log.warning("checkpoint %s was saved, but removing an older one failed: %r", self.target, err)
+
+    def _write_part(self) -> None:
+        """This rank's files, in layer order across its streams, its progress published after each tensor."""
+        left: dict[int, int] = {}
+        for _, items in self.streams:
+            for it in items:
+                left[it.group] = left.get(it.group, 0) + 1
+        report: dict[str, Any]
+        try:
+            queues = [list(reversed(items)) for _, items in self.streams]
+            while any(queues):
+                if self._aborted:
+                    raise _Abandoned(f"the process exited while {self.target} was being written")
+                k = min((q[-1].group, k) for k, q in enumerate(queues) if q)[1]
+                it = queues[k].pop()
+                self.streams[k][0].write(it)
+                left[it.group] -= 1
+                if not left[it.group]:
+                    del left[it.group]
+                self.set_progress(min(left, default=_DONE - 1))
+            for stream, _ in self.streams:
+                stream.close()
+            report = {**self._report, "model_crc": self.streams[0][0].checksums, "opt_crc": self.streams[1][0].checksums}
+        except BaseException as err:
+            report = {"error": self._failure(err)}
+            raise
+        finally:
+            self.set_progress(_DONE)  # the node's updates wait no more on this rank
+            name = self.tmp / _REPORT.format(rank=self.rank)
+            try:
+                torch.save(report, name.with_suffix(".part"))
+                os.replace(name.with_suffix(".part"), name)
+            except OSError:
+                pass  # the directory is gone (rank 0 gave the save up): nothing to report to
+
+    def set_progress(self, first_unwritten: int) -> None:
+        self.board.publish(self.base + first_unwritten)
+
+    def _gather_and_publish(self) -> None:
+        """Rank 0: every rank's report (or failure), then the indexes and the atomic publish."""
+        import time
+
+        wanted = {r: self.tmp / _REPORT.format(rank=r) for r in range(self.local_size)}
+        reports: dict[int, Any] = {}
+        deadline = time.monotonic() + self.timeout_s
+        while len(reports) < len(wanted):
+            for r, name in wanted.items():
+                if r not in reports and name.exists():
+                    reports[r] = torch.load(name, weights_only=False)
+            if len(reports) < len(wanted):
+                if self._aborted:
+                    raise _Abandoned(f"the process exited while {self.target} was being written")
+                gone = self.board.gone([r for r in wanted if r not in reports])
+                if gone or time.monotonic() > deadline:
+                    raise _RankFailed(gone or f"ranks {sorted(set(wanted) - set(reports))} did not finish their part of the checkpoint within {self.timeout_s:.0f} s")
+                time.sleep(0.01)
+        errors = [rep["error"] for rep in reports.values() if "error" in rep]
+        if errors:
+            raise _RankFailed("; ".join(errors))
+        for name in wanted.values():
+            name.unlink()
+        skeleton = torch.load(io.BytesIO(self._state_bytes), weights_only=False)
+        _finish_distributed(self.tmp, [reports[r] for r in sorted(reports)], skeleton, self.model_files, self.checksums)
+        with self._link_lock:
+            _publish(self.tmp, self.target)
+            self._links_final = True
+            self._retarget_links()

@@ -44,7 +44,7 @@ class NodeBoard:
     that died or stopped is named when the wait times out.
     """
 
-    FIELDS = ("pid", "backward", "step", "failed", "arrive")
+    FIELDS = ("pid", "backward", "step", "failed", "arrive", "ckpt")  # ckpt: an async checkpoint write's progress
     FAILED, STOPPED = 1, 2  # "failed": its own error; "stopped": a collective failed under it (not the cause)
 
     def __init__(self, path: str, rank: int, size: int, create: bool) -> None:

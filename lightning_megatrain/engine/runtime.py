@@ -199,6 +199,10 @@ class Runtime:
         self.wait()
         return self._sharded().optimizer_state(optimizer)
 
+    def owned_ranges(self, optimizer: Optimizer) -> list[tuple[int, int, tuple[int, ...]]]:
+        """``(lo, hi, shape)`` of each of the optimizer's parameters: the flat elements this rank owns."""
+        return [(*self.owned(p), tuple(p.shape)) for g in optimizer.param_groups for p in g["params"]]
+
     def load_shard_optimizer_state(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
         """Take this rank's elements of a saved optimizer state (see ``NodeShards.load_optimizer_state``)."""
         self.wait()
@@ -228,6 +232,9 @@ class Runtime:
             streams.synchronize()
         host, streamer, outer = getattr(self, "host", None), getattr(self, "streamer", None), getattr(self, "outer", None)
         if host is not None:
+            if isinstance(place, NodeShards) and self.units:
+                for optimizer in host.patched:  # data parallel: each rank's share of the state stays readable
+                    place.hand_back_state(optimizer)
             host.close()  # the optimizers get their own classes back
         if streamer is not None:
             streamer.unwrap()  # the layers their own forward

@@ -373,6 +373,19 @@ class NodeShards:
         if lean is not None:
             lean.narrow(_StateHolder(state), [sp.param for sp in self.shard_params.values()])  # type: ignore[arg-type]
 
+    def hand_back_state(self, optimizer: Optimizer) -> None:
+        """After training: this rank's optimizer state into ``optimizer.state``, keyed by the module's own
+        parameters (1-D tensors of the elements :meth:`owned` names, 0-d ones whole), so it can be read and
+        saved as in one process. Nothing changes if this runtime never stepped nor loaded ``optimizer``."""
+        state = self.states.get(id(optimizer))
+        if not state:
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                sp = self.shard_params.get(id(p))
+                if sp is not None and sp.param in state:
+                    optimizer.state[p] = state[sp.param]
+
     # ----------------------------------------------------------------- teardown
     def detach(self, units_live: bool) -> None:
         """The parameters stay views of the shared memory: the other ranks' last updates must be in it
