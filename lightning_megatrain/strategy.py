@@ -417,18 +417,7 @@ class MegaTrainStrategy(ParallelStrategy):
         _run_every(steps, failure)
 
     def _detach(self) -> None:
-        runtime = self.runtime
-        if runtime is None:
-            return
-        try:
-            self._checkpoints.keep_shares()  # data parallel: each rank's share of the optimizer state stays readable
-        finally:
-            self.runtime = None
-            try:
-                runtime.detach()
-            finally:
-                self.precision_plugin.runtime = None
-                self.optimizers = self.optimizers  # re-wrap the restored optimizer classes
+        _detach(self)
 
     # ------------------------------------------------------------------ steps
     def _bound(self) -> Any:
@@ -567,3 +556,20 @@ def _run_every(steps: list[Any], failure: Optional[BaseException]) -> None:
             first = first or err
     if first is not None and failure is None:
         raise first
+
+
+def _detach(strategy: MegaTrainStrategy) -> None:
+    """Hand the model back from the engine once; data parallel: each rank's share of the optimizer state
+    stays readable in ``optimizer.state`` (kept before the runtime goes)."""
+    runtime = strategy.runtime
+    if runtime is None:
+        return
+    try:
+        strategy._checkpoints.keep_shares()
+    finally:
+        strategy.runtime = None
+        try:
+            runtime.detach()
+        finally:
+            strategy.precision_plugin.runtime = None
+            strategy.optimizers = strategy.optimizers  # re-wrap the restored optimizer classes
