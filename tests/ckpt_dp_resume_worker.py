@@ -15,6 +15,12 @@ device with ``data(batch_size=4)``):
   its shards in the background; a checkpoint is published when every rank's part is written).
 
 and writes ``OUT/<run>-rank<r>.pt``: the losses of its micro-batches and the final parameters.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ckpt_dp_resume_worker.py --failing-part OUT
+
+trains 12 steps with ``async_checkpoint=True`` and saves at steps 4, 8, 12 under ``OUT/ck``; rank 1's
+write of the step-8 save fails (a full disk). Each rank writes ``OUT/failing-rank<r>.txt``: what ``fit``
+raised and the step it stopped at.
 """
 
 from __future__ import annotations
@@ -91,5 +97,32 @@ def main(out: str, single: str) -> None:
     ck._ShardWriter.write = real_write  # type: ignore[method-assign]
 
 
+def failing_part(out: Path) -> None:
+    real_write = ck._ShardWriter.write
+
+    def write(writer: Any, t: torch.Tensor) -> None:
+        time.sleep(0.01)  # a save takes several steps
+        if os.environ["RANK"] == "1" and ".step=8.ckpt." in str(writer.path):  # in its temporary directory
+            raise OSError(28, "No space left on device (test)")
+        real_write(writer, t)
+
+    ck._ShardWriter.write = write  # type: ignore[method-assign]
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        strategy=MegaTrainStrategy(async_checkpoint=True), accelerator="cpu", devices=DEVICES, max_steps=12, logger=False,
+        callbacks=[ModelCheckpoint(dirpath=out / "ck", every_n_train_steps=4, save_top_k=-1, filename="{step}")],
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    try:
+        trainer.fit(BlockLM(dropout=0.0), data(batch_size=4 // DEVICES))
+        seen = "fit: ran"
+    except Exception as err:  # noqa: BLE001 - recorded for the test
+        seen = f"fit: {type(err).__name__}: {err}"
+    (out / f"failing-rank{trainer.global_rank}.txt").write_text(f"{seen}\nstopped at step {trainer.global_step}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "--failing-part":
+        failing_part(Path(sys.argv[2]))
+    else:
+        main(sys.argv[1], sys.argv[2])

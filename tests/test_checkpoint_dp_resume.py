@@ -172,3 +172,26 @@ def test_async_checkpoints_with_two_ranks_are_the_sync_ones(runs: dict[str, Any]
     assert not [p for p in (runs["dir"] / "dp_async").iterdir() if p.name.startswith(".")]  # no temporary left
     model = _single(ckpt_path=runs["dir"] / "dp_async" / "step=6.ckpt")  # and it resumes (2 -> 1)
     torch.testing.assert_close(torch.tensor(model.losses), _global_losses(runs["full"])[6:], rtol=RTOL, atol=ATOL)
+
+
+def test_a_failed_part_of_an_async_save_publishes_nothing_and_every_rank_raises(tmp_path: Path) -> None:
+    """async_checkpoint=True on 2 ranks, rank 1's part of the step-8 save fails (a full disk): the checkpoint
+    is not published (no directory, no temporary left), the one published before is intact, and fit raises
+    on every rank naming the failure (rank 1 its own error, rank 0 naming rank 1) instead of training on."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(HERE / "ckpt_dp_resume_worker.py"), "--failing-part", str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"the 2-process run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    seen = [(tmp_path / f"failing-rank{r}.txt").read_text() for r in range(2)]
+    assert seen[1].startswith("fit: CheckpointWriteError: writing checkpoint ") and "step=8.ckpt" in seen[1], seen
+    assert "No space left on device (test)" in seen[1] and "was not published" in seen[1], seen
+    assert seen[0].startswith("fit: ") and "rank 1" in seen[0], seen  # rank 0 names the rank whose part failed
+    for text in seen:  # raised at a step after the save started, before the run's end
+        step = int(text.rsplit(" ", 1)[1])
+        assert 8 <= step < 12, seen
+    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert names == ["step=4.ckpt"], names  # step 8 not published, nothing hidden left behind
+    assert ck.load_sharded(tmp_path / "ck" / "step=4.ckpt")["global_step"] == 4
