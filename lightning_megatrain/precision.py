@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from torch import Tensor
 from torch.optim import Optimizer
+
+from .readers import after_backward_readers, before_step_readers
 
 if TYPE_CHECKING:
     from .engine import Runtime
@@ -59,17 +62,33 @@ class MegaTrainPrecision(Precision):
         else:
             yield
 
+    # The host gradients are complete only once the host worker has added them: wait where something
+    # reads them (readers.py), not after every backward, so the device goes on with the next micro-batch.
+    def post_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
+        if self.runtime is not None and after_backward_readers(module):
+            self.runtime.wait()
+        return super().post_backward(tensor, module)
+
+    def _after_closure(self, model: pl.LightningModule, optimizer: Any) -> None:
+        if self.runtime is not None and before_step_readers(model):
+            self.runtime.wait()
+        super()._after_closure(model, optimizer)
+
     # In data parallel the gradients are views of node-shared memory that every rank of the node sees:
     # clipping them in place on each rank would scale them once per rank. The runtime clips with the
     # global norm (all-reduce of the shards' norms), each rank changing only the elements it owns, and
     # no rank changes its part while another still reads the whole (hooks) or reads it half clipped.
     def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        if self.runtime is not None:
+            self.runtime.wait()  # also when called from user code (manual optimization)
         if self.runtime is None or self.runtime.collective is None:
             super().clip_grad_by_norm(optimizer, clip_val)
             return
         self.runtime.clip_grad_norm_(list(self.main_params(optimizer)), clip_val)
 
     def clip_grad_by_value(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        if self.runtime is not None:
+            self.runtime.wait()
         if self.runtime is None or self.runtime.collective is None:
             super().clip_grad_by_value(optimizer, clip_val)
             return

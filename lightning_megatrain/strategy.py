@@ -455,8 +455,8 @@ class MegaTrainStrategy(ParallelStrategy):
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
         self.precision_plugin.backward(closure_loss, self.lightning_module, optimizer, *args, **kwargs)
-        # gradients must be complete on the host before on_after_backward and clipping see them
-        self.runtime.after_backward()
+        # no wait for the host here: whoever reads the host gradients waits (precision.py, readers.py)
+        self.runtime.after_backward(wait=False)
         closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
         self.post_backward(closure_loss)
         return closure_loss

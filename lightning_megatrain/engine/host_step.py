@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
 
 from .config import Stats
@@ -52,8 +53,13 @@ class HostStep:
         if self.fused:
             enable_fused(optimizer)
 
-    def step(self, optimizer: Optimizer, kwargs: dict[str, Any]) -> None:
-        """Launch the user's optimizer on the host, unit by unit in forward order, and return at once."""
+    def step(self, optimizer: Optimizer, kwargs: dict[str, Any], arriving: dict[int, tuple[torch.Tensor, list[bool]]] | None = None) -> None:
+        """Launch the user's optimizer on the host, unit by unit in forward order, and return at once.
+
+        ``arriving``: unit index -> a micro-batch's packed gradients and which entries got one
+        (``Unit.accumulate``'s arguments), not yet added: each such unit adds them in its update's one
+        pass (exact where nothing reads the gradients between that micro-batch's backward and the step).
+        """
         self.worker.check()  # a failed host task stops training here rather than after the next forward
         hparams = snapshot_groups(optimizer)
         per_unit = split_params(optimizer, self.owner, len(self.units))
@@ -72,14 +78,17 @@ class HostStep:
             self.worker.submit(sync_pending)
         gate, lean, stats, updated = self.gate, self.lean, self.stats, self.updated
         for unit, params in zip(self.units, per_unit):
+            grads = (arriving or {}).get(unit.index, (None, None))
 
-            def task(unit: Unit = unit, params: Any = params) -> None:
+            def task(unit: Unit = unit, params: Any = params, grads: Any = grads) -> None:
                 if gate is not None:
                     gate(unit.index)
                 start = time.perf_counter()
-                place.step(optimizer, hparams, params, kwargs, state, lean)
-                # fused optimizers update in place without bumping tensor versions: re-cast regardless
-                unit.refresh_compute(force=True)
+                # step and write what the next forward streams, in one pass over the unit (one_pass.py)
+                if grads[0] is None:
+                    place.update(unit, optimizer, hparams, params, kwargs, state, lean)
+                else:
+                    place.update(unit, optimizer, hparams, params, kwargs, state, lean, *grads)
                 stats.optimizer_s += time.perf_counter() - start
                 updated(unit)
 

@@ -91,7 +91,8 @@ class Runtime:
             )
             for layer, unit in zip(self.layers, self.layer_units):
                 self.streamer.wrap(layer, unit)
-            self.host.launching = [self.streamer.slots.invalidate, self.outer.masters_changing]
+            # a step changes only trainable layers: frozen ones stay resident across it
+            self.host.launching = [lambda: self.streamer.slots.invalidate(lambda u: u.trainable), self.outer.masters_changing]
             self.host.updated = self.outer.updated
         except BaseException:
             self.detach()
@@ -149,18 +150,24 @@ class Runtime:
 
     def _start_step(self) -> None:
         self.saved.new_step()
-        self.streamer.slots.invalidate()
+        if not self.place.keeps_residency:  # one device: kept; a slot is dropped when its layer changes
+            self.streamer.slots.invalidate()
         for unit in self.layer_units:
             check_trainable(unit, self.config.grads)
 
-    def after_backward(self) -> None:
-        """Send the non-layer gradients home and wait until every gradient of this backward is on the host.
+    def after_backward(self, wait: bool = True) -> None:
+        """Send the non-layer gradients home; with ``wait``, also wait until the host has added every
+        gradient of this backward.
 
-        The wait is what Lightning's contract needs: ``on_after_backward``, clipping and
-        ``on_before_optimizer_step`` read complete host gradients right after ``backward``.
+        ``wait=False`` (the Lightning glue): the host worker adds gradients and runs the optimizer in
+        submission order, so the step needs no wait, and whoever reads the host gradients
+        (``on_after_backward``, clipping, hooks: the glue's ``readers.py``) calls ``wait`` first; the
+        device goes on with the next micro-batch meanwhile. Data parallel always waits here: the
+        node's ranks publish that their shares are added.
         """
         self.outer.flush_all()
-        self.worker.wait()
+        if wait or self.place.waits_after_backward:
+            self.worker.wait()
         self.place.after_backward()
         self.outer.put_back()
 

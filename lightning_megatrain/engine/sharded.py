@@ -51,6 +51,8 @@ class NodeShards:
 
     send_early = False  # the gradient send is a collective: every rank sends in after_backward, in order
     prefetch_from_worker = False  # a collective is issued from the main thread only
+    waits_after_backward = True  # the ranks publish their added shares after each backward
+    keeps_residency = False  # a slot fill is a collective: every rank drops residency at each step alike
 
     def __init__(self, coll: Any, streams: Streams, device: torch.device, stats: Stats) -> None:
         self.coll, self.streams, self.device, self.stats = coll, streams, device, stats
@@ -248,6 +250,12 @@ class NodeShards:
 
     def step_state(self, optimizer: Optimizer) -> Any:
         return self.states.setdefault(id(optimizer), defaultdict(dict))
+
+    def update(self, unit: Unit, optimizer: Optimizer, hparams: list[dict[str, Any]], params: list[list[torch.Tensor]], kwargs: dict[str, Any], state: Any, lean: Any) -> None:
+        """Step this rank's pieces of one unit, then re-cast what it owns of the streamed copy."""
+        self.step(optimizer, hparams, params, kwargs, state, lean)
+        # fused optimizers update in place without bumping tensor versions: re-cast regardless
+        unit.refresh_compute(force=True)
 
     def step(self, optimizer: Optimizer, hparams: list[dict[str, Any]], params: list[list[torch.Tensor]], kwargs: dict[str, Any], state: Any, lean: Any) -> None:
         self.shard_grads(params)

@@ -62,6 +62,7 @@ class Worker:
         self._done = 0
         self._error: BaseException | None = None
         self._closed = False
+        self.full_waits = 0  # waits for all submitted work (instrumentation: each drains the device's queue)
         self.threads: int | None = None  # the cap in effect on the worker thread
         # called while a wait blocks (every second): raises if what the tasks wait on can never come
         # (data parallel: a rank of the node died), instead of waiting for good
@@ -87,6 +88,8 @@ class Worker:
     def wait(self, ticket: int | None = None) -> None:
         """Block until task ``ticket`` (default: every task submitted) is done; raise if any task failed."""
         with self._cond:
+            if ticket is None:
+                self.full_waits += 1
             target = self._submitted if ticket is None else ticket
             while self._done < target and self._error is None:
                 if not self._thread.is_alive():

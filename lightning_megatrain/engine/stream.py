@@ -83,6 +83,7 @@ class Slot:
     def __init__(self, buf: torch.Tensor, streams: Streams) -> None:
         self.buf = buf
         self.unit: Any = None
+        self.version: Any = None  # the unit's weight version the slot holds (``Unit._version``)
         self.ready = streams.event()
         self.free = streams.event()
         self.last_use = 0
@@ -102,10 +103,12 @@ class SlotPool:
         self._stalls: list[tuple[Any, Any]] = []
         self.time_stalls = False  # set by telemetry: timing events cost a little and must be collected
 
-    def invalidate(self) -> None:
-        """Forget residency, e.g. after the host masters changed."""
+    def invalidate(self, which: Callable[[Any], bool] | None = None) -> None:
+        """Forget residency (of the units ``which`` selects; default all), e.g. when an optimizer step
+        is about to change their masters."""
         for slot in self.slots:
-            slot.unit = None
+            if slot.unit is not None and (which is None or which(slot.unit)):
+                slot.unit = None
 
     def find(self, unit: Any) -> Slot | None:
         for slot in self.slots:

@@ -83,10 +83,19 @@ class LayerStreamer:
         return slot
 
     def _load(self, unit: Unit, keep: tuple) -> Slot:
-        if self.slots.find(unit) is None:
+        """Residency outlives a step: a layer still in a slot is used again as long as its weights are
+        the ones copied (same version; an optimizer step about to change them drops it at launch, as
+        fused kernels update in place without bumping versions)."""
+        slot = self.slots.find(unit)
+        if slot is not None and slot.version != unit._version():
+            slot.unit = None  # changed in place since the copy (a checkpoint load, user code)
+            slot = None
+        if slot is None:
             self.wait_ticket(unit.ticket)
             unit.refresh_compute()
-        return self.slots.load(unit, unit.compute, keep=keep, fill=self.place.slot_fill(unit))
+        slot = self.slots.load(unit, unit.compute, keep=keep, fill=self.place.slot_fill(unit))
+        slot.version = unit._version()
+        return slot
 
     def _views(self, unit: Unit, slot: Slot, grad: bool) -> list[torch.Tensor]:
         views = [unit.param_view(slot.buf, e) for e in unit.entries]

@@ -16,7 +16,7 @@ optimizers and user code keep working on the same ``Parameter`` objects. How a p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -206,17 +206,20 @@ class Unit:
         do not bump versions: the runtime forces a re-cast after each step)."""
         return self.master._version + self.compute._version + sum(e.param._version for e in self.entries)
 
-    def refresh_compute(self, force: bool = False) -> None:
+    def refresh_compute(self, force: bool = False, done: Collection[int] = ()) -> None:
         """Re-cast the streamed copies of the fp32 masters that changed in place since the last cast.
 
         A frozen master is cast once (again only if something writes it, e.g. a checkpoint load);
         trainable ones also when the image was written through another view, and all of them with
         ``force`` (after an optimizer step: torch's fused kernels update in place without bumping
-        tensor versions)."""
+        tensor versions). ``done``: ids of entries the caller has just cast (the one-pass host update)."""
         raw = self.compute._version
         with torch.no_grad():
             for e in self._cast:
                 version = e.param._version
+                if id(e) in done:
+                    self._synced[id(e)] = version
+                    continue
                 fresh = self._synced.get(id(e)) == version and (e.goffset is None or raw == self._synced_raw)
                 if fresh and not (force and e.goffset is not None):
                     continue

@@ -15,7 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .config import Stats
-from .stepper import step_unit
+from .one_pass import update_unit
 from .stream import GradChannel, Slot, Streams
 from .units import Entry, Unit
 
@@ -26,6 +26,8 @@ class Whole:
     coll = None
     send_early = True  # a non-layer unit's gradients go home as soon as all of them are final
     prefetch_from_worker = True  # the host worker issues the non-layer copies right after their update
+    waits_after_backward = False  # the host step is queued behind the gradients: only readers wait
+    keeps_residency = True  # a layer still in a slot after backward is used again while its weights are unchanged
 
     def __init__(self, streams: Streams, device: torch.device, stats: Stats) -> None:
         self.streams, self.device, self.stats = streams, device, stats
@@ -115,14 +117,13 @@ class Whole:
     def step_state(self, optimizer: Optimizer) -> Any:
         return None
 
-    def step(self, optimizer: Optimizer, hparams: list[dict[str, Any]], params: list[list[torch.Tensor]], kwargs: dict[str, Any], state: Any, lean: Any) -> None:
-        """Run the user's optimizer on one unit's parameters (on the host worker)."""
-        if lean is None:
-            step_unit(optimizer, hparams, params, kwargs)
-            return
-        for piece in lean.chunks(params):
-            with lean.widened(optimizer, [p for ps in piece for p in ps]):
-                step_unit(optimizer, hparams, piece, kwargs)
+    def update(
+        self, unit: Unit, optimizer: Optimizer, hparams: list[dict[str, Any]], params: list[list[torch.Tensor]], kwargs: dict[str, Any],
+        state: Any, lean: Any, arriving: torch.Tensor | None = None, produced: Sequence[bool] | None = None,
+    ) -> None:
+        """Update one unit on the host worker: its arriving gradient (if any) added, the user's optimizer
+        run and the streamed copy written, in one pass over memory (``one_pass.py``)."""
+        update_unit(unit, optimizer, hparams, params, kwargs, lean, arriving, produced)
 
     def after_step(self, worker: Any) -> None:
         pass
