@@ -69,11 +69,6 @@ class MegaTrainPrecision(Precision):
             self.runtime.wait()
         return super().post_backward(tensor, module)
 
-    def _after_closure(self, model: pl.LightningModule, optimizer: Any) -> None:
-        if self.runtime is not None and before_step_readers(model):
-            self.runtime.wait()
-        super()._after_closure(model, optimizer)
-
     # In data parallel the gradients are views of node-shared memory that every rank of the node sees:
     # clipping them in place on each rank would scale them once per rank. The runtime clips with the
     # global norm (all-reduce of the shards' norms), each rank changing only the elements it owns, and
@@ -98,8 +93,15 @@ class MegaTrainPrecision(Precision):
         self, optimizer: Optimizer, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any
     ) -> Any:
         # Run forward/backward, on_before_optimizer_step and clipping first, as Lightning's other
-        # plugins do; then launch the host step, which returns before it is done.
-        closure_result = self._wrap_closure(model, optimizer, closure)
+        # plugins do; then launch the host step, which returns before it is done. Those hooks and
+        # clipping read the step's host gradients: wait for them only where one of them runs.
+        def closure_then_wait() -> Any:
+            result = closure()
+            if self.runtime is not None and before_step_readers(model):
+                self.runtime.wait()
+            return result
+
+        closure_result = self._wrap_closure(model, optimizer, closure_then_wait)
         assert self.runtime is not None, "MegaTrainPrecision is used through MegaTrainStrategy"
         self.runtime.step(optimizer, **kwargs)
         return closure_result

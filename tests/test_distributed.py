@@ -301,6 +301,7 @@ def test_clipping_goes_to_the_runtime_in_data_parallel() -> None:
     calls: list[Any] = []
     runtime = SimpleNamespace(
         collective=object(),
+        wait=lambda: calls.append("wait"),  # the host has added every gradient before clipping reads them
         clip_grad_norm_=lambda params, v: calls.append(("norm", len(params), v)),
         clip_grad_value_=lambda params, v: calls.append(("value", len(params), v)),
     )
@@ -311,9 +312,9 @@ def test_clipping_goes_to_the_runtime_in_data_parallel() -> None:
     plugin.runtime = runtime  # type: ignore[assignment]
     plugin.clip_grad_by_norm(opt, 1.0)
     plugin.clip_grad_by_value(opt, 0.5)
-    assert calls == [("norm", 1, 1.0), ("value", 1, 0.5)]
+    assert calls == ["wait", ("norm", 1, 1.0), "wait", ("value", 1, 0.5)]
     assert torch.equal(p.grad, torch.full((3,), 10.0))  # untouched here
 
-    plugin.runtime = SimpleNamespace(collective=None)  # type: ignore[assignment]
+    plugin.runtime = SimpleNamespace(collective=None, wait=lambda: None)  # type: ignore[assignment]
     plugin.clip_grad_by_value(opt, 0.5)  # one device: torch's, as before
     assert torch.equal(p.grad, torch.full((3,), 0.5))
