@@ -108,6 +108,8 @@ class MegaTrainMonitor(pl.Callback):
                 "perf/wait_host_optimizer_s": s.host_wait_s,
                 "perf/host_optimizer_s": s.optimizer_s,
                 "perf/host_grad_accumulate_s": s.accumulate_s,
+                # units whose optimizer update started during backward (0: the step runs after it)
+                "perf/host_updates_during_backward": float(s.early_updates),
             })
         metrics["mem/host_rss_GiB"] = psutil.Process().memory_info().rss / 2**30
         device = trainer.strategy.root_device

@@ -111,6 +111,7 @@ class MemoryPlan:
     device_free: int | None = None
     host_memory: str = "fast"
     host_memory_reason: str = ""
+    host_step: str = ""  # when the host optimizer step runs and why (the glue fills it in: it knows the hooks)
     layer_params: int = 0  # parameters of the streamed layers
     layer_trainable: int = 0  # of which trainable
     stream_bytes: int = 0  # bytes one pass over the layers copies to the device (all layer images)
@@ -225,6 +226,8 @@ class MemoryPlan:
             )
         if self.host_memory_reason:
             rows.append(f"  host_memory={self.host_memory!r}: {self.host_memory_reason}")
+        if self.host_step:
+            rows.append(f"  host optimizer step: {self.host_step}")
         dp = self.data_parallel
         if dp:
             rows.append(f"  host per node (pinned when a GPU is used; {self.host_bytes_per_param:.1f} B/param):")

@@ -12,7 +12,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .readers import after_backward_readers, before_step_readers
+from .readers import after_backward_readers, before_step_readers, early_step_blockers
 
 if TYPE_CHECKING:
     from .engine import Runtime
@@ -34,6 +34,7 @@ class MegaTrainPrecision(Precision):
         self.precision = precision
         self.device_type = "cpu"
         self.runtime: Runtime | None = None
+        self._stepping: tuple[Optimizer, dict[str, Any]] | None = None  # inside optimizer_step's closure
 
     @classmethod
     def from_plugin(cls, plugin: Precision) -> MegaTrainPrecision:
@@ -64,6 +65,15 @@ class MegaTrainPrecision(Precision):
 
     # The host gradients are complete only once the host worker has added them: wait where something
     # reads them (readers.py), not after every backward, so the device goes on with the next micro-batch.
+    def pre_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
+        tensor = super().pre_backward(tensor, module)
+        # the last micro-batch of a step (its backward runs inside optimizer_step): where nothing reads
+        # the gradients before the step, each layer's host update starts as soon as they are final
+        if self._stepping is not None and self.runtime is not None and not early_step_blockers(module):
+            optimizer, kwargs = self._stepping
+            self.runtime.prepare_step(optimizer, **kwargs)
+        return tensor
+
     def post_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
         if self.runtime is not None and after_backward_readers(module):
             self.runtime.wait()
@@ -101,8 +111,15 @@ class MegaTrainPrecision(Precision):
                 self.runtime.wait()
             return result
 
-        closure_result = self._wrap_closure(model, optimizer, closure_then_wait)
         assert self.runtime is not None, "MegaTrainPrecision is used through MegaTrainStrategy"
+        self._stepping = (optimizer, kwargs)
+        try:
+            closure_result = self._wrap_closure(model, optimizer, closure_then_wait)
+        except BaseException:
+            self.runtime.cancel_step()
+            raise
+        finally:
+            self._stepping = None
         self.runtime.step(optimizer, **kwargs)
         return closure_result
 

@@ -10,6 +10,10 @@ boundary ``on_before_optimizer_step``, ``configure_gradient_clipping`` and clipp
 counts as a reader when the LightningModule or a callback overrides it; manual optimization runs
 user code between ``manual_backward`` and ``step`` that may read anything, so it always waits.
 Code that reaches gradients through ``module.parameters()`` waits by itself (``engine.attach.guard``).
+
+Where nothing reads them, the step's host updates start during the backward of its last micro-batch,
+each layer as soon as its gradients are final (``Runtime.prepare_step``): ``schedule`` says whether a
+run does, and why not.
 """
 
 from __future__ import annotations
@@ -49,3 +53,24 @@ def before_step_readers(module: Any) -> list[str]:
         algorithm = getattr(trainer, "gradient_clip_algorithm", None) or "norm"
         out.append(f"gradient_clip_val={clip} ({getattr(algorithm, 'value', algorithm)})")
     return out
+
+
+def early_step_blockers(module: Any) -> list[str]:
+    """Why the host updates of a step cannot start during its last backward (empty: they can): whatever
+    reads gradients between that backward and the step, or could change them, or a user ``backward``."""
+    if not module.automatic_optimization:
+        return ["manual optimization"]
+    out = after_backward_readers(module) + before_step_readers(module)
+    if is_overridden("backward", module, parent=pl.LightningModule):
+        out.append(f"{type(module).__name__}.backward")
+    return out
+
+
+def schedule(module: Any, early_capable: bool) -> str:
+    """The host step's schedule in words, for the memory plan and the logs."""
+    if not early_capable:
+        return "after backward, overlapped with the next forward (data parallel: gradients are reduced first)"
+    blockers = early_step_blockers(module)
+    if not blockers:
+        return "during the last backward of each step: a layer is updated as soon as its gradients are final"
+    return f"after backward, overlapped with the next forward (the step's gradients are read first: {', '.join(blockers)})"

@@ -41,6 +41,7 @@ from .engine import Runtime, RuntimeConfig, check_optimizer
 from .memory import HOST_MEMORY_MODES, choose_host_memory, plan_memory
 from .placement import place_states
 from .precision import MegaTrainPrecision
+from .readers import schedule
 
 log = logging.getLogger(__name__)
 
@@ -393,6 +394,7 @@ class MegaTrainStrategy(ParallelStrategy):
                 fitting, batch_tokens=self.plan_batch_tokens, host_memory=self.config.host_memory,
                 host_memory_reason=host_memory_reason, grad_channels=self.config.grad_channels, **per_rank,
             )
+            self.memory_plan.host_step = schedule(self.lightning_module, early_capable=not self.is_distributed)
             rank_zero_info(str(self.memory_plan))
             if self.check_memory:
                 self.memory_plan.check()

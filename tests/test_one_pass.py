@@ -74,18 +74,20 @@ def _train(mode: str, make: Callable[[nn.Module], torch.optim.Optimizer], chunke
         gen = torch.Generator().manual_seed(1)
         for step in range(3):
             opt.zero_grad()
-            arriving = {}
             for mb in range(2):
+                if mb == 1 and in_pass:
+                    rt.host.prepare(opt, {})  # the last micro-batch: each unit updated as its gradients arrive
                 for u in rt.units:
                     if not u.trainable:
                         continue
                     src = torch.randn(u.gnumel, generator=gen).to(rt.compute_dtype)
                     produced = [True] * sum(1 for e in u.entries if e.goffset is not None)
-                    if mb == 1 and in_pass:
-                        arriving[u.index] = (src, produced)
+                    update = rt.host.early(u) if mb == 1 and in_pass else None
+                    if update is not None:
+                        rt.worker.submit(lambda update=update, src=src, produced=produced: update(src, produced))
                     else:
                         rt.worker.submit(lambda u=u, src=src, produced=produced: u.accumulate(src, produced))
-            rt.host.step(opt, {}, arriving)
+            rt.host.step(opt, {})
             rt.wait()
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}

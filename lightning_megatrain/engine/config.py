@@ -50,6 +50,7 @@ class Stats:
     accumulate_s: float = 0.0  # host worker time adding gradients into the fp32 .grad
     transfer_wait_s: float = 0.0  # device time the compute stream waited for weight copies (CUDA only)
     offload_bytes: int = 0  # saved layer inputs copied to host memory (offload_activations)
+    early_updates: int = 0  # units whose optimizer update started during backward (the step's schedule)
 
     def take(self, reset: bool = True) -> Stats:
         out = dataclasses.replace(self)

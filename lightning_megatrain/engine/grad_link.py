@@ -8,7 +8,7 @@ wait, and backward waits for the host only when every channel is still in flight
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +28,13 @@ class GradLink:
         self.device = streams.device
         self.arena: HostArena | None = None
         self.channels = ChannelPool([])
+        # asked, for a unit's final gradients of a micro-batch, for the optimizer update that should
+        # consume them as they arrive (a step prepared before backward: ``HostStep.early``), or None
+        self.early: Callable[[Unit], Callable[[torch.Tensor, list[bool]], None] | None] = lambda unit: None
+        # a unit's own host buffer (non-layer units: ``Unit.staging``) -> the task that last reads it:
+        # training does not wait for the host after backward, so the next micro-batch's copy into the
+        # same buffer waits for that task first (channels need not: they come back only once consumed)
+        self._readers: dict[int, int] = {}
 
     def make_channels(self, layer_units: Sequence[Unit], count: int, pin: bool) -> None:
         """``count`` channels, each the largest layer's gradients in the compute dtype."""
@@ -45,10 +52,16 @@ class GradLink:
         # a failed host task raises here (WorkerError) instead of leaving backward blocked on a channel
         return self.channels.get(check=self.worker.check)
 
-    def send(self, unit: Unit, dev: torch.Tensor, host: torch.Tensor, produced: list[bool], release: GradChannel | None) -> None:
+    def send(
+        self, unit: Unit, dev: torch.Tensor, host: torch.Tensor, produced: list[bool], release: GradChannel | None, final: bool = False,
+    ) -> None:
         """Copy ``dev`` into ``host`` on the D2H stream once the compute stream has produced it, and
-        have the host worker add it into the unit's gradients; ``release`` is the channel to give back."""
+        have the host worker add it into the unit's gradients; ``release`` is the channel to give back.
+        ``final``: no other backward of this micro-batch adds to the unit's gradients, so a prepared
+        optimizer step may update the unit right here, with these gradients added in its one pass."""
         streams = self.streams
+        if release is None and host.data_ptr() in self._readers:
+            self.worker.wait(self._readers.pop(host.data_ptr()))  # usually long done: a whole micro-batch ago
         compute = streams.compute()
         packed, done = (release.packed, release.done) if release is not None else (streams.event(), streams.event())
         packed.record(compute)
@@ -61,12 +74,22 @@ class GradLink:
         self.stats.d2h_bytes += dev.numel() * dev.element_size()
         place = self.place
 
+        update = self.early(unit) if final else None
+
         def task(dev: torch.Tensor = dev) -> None:  # holds the device buffer until its copy is done
-            place.consume(unit, host, dev.numel(), produced, done)
+            if update is None:
+                place.consume(unit, host, dev.numel(), produced, done)
+            else:
+                done.synchronize()
+                update(host[: unit.gnumel], produced)
 
         # the channel goes back even when the task fails or is skipped: backward may be waiting for it
         pool = self.channels
-        self.worker.submit(task, cleanup=(lambda: pool.put(release)) if release is not None else None)
+        ticket = self.worker.submit(task, cleanup=(lambda: pool.put(release)) if release is not None else None)
+        if update is not None:
+            unit.ticket = ticket  # the next forward's copy of this unit waits for this task
+        if release is None:
+            self._readers[host.data_ptr()] = ticket
 
     def close(self) -> None:
         if self.arena is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,6 +21,18 @@ from .config import Stats
 from .stepper import Worker, check_optimizer, enable_fused, make_waiting, restore_class, snapshot_groups, split_params
 from .stream import Streams
 from .units import Unit
+
+
+@dataclass
+class _Prepared:
+    """One optimizer step's snapshot: what every unit's update runs with, and which have started."""
+
+    optimizer: Optimizer
+    kwargs: dict[str, Any]
+    hparams: list[dict[str, Any]]
+    per_unit: list[list[list[torch.Tensor]]]
+    state: Any
+    started: set[int] = field(default_factory=set)
 
 
 class HostStep:
@@ -35,6 +48,7 @@ class HostStep:
         self.launching: list[Callable[[], None]] = []  # run when a step is launched, before its tasks
         self.updated: Callable[[Unit], None] = lambda unit: None  # on the worker, after a unit's update
         self.patched: list[Optimizer] = []
+        self._early: _Prepared | None = None
         self.hook_handles: list[Any] = []
 
     def attach(self, optimizer: Optimizer, wait: Callable[[], None]) -> None:
@@ -53,20 +67,41 @@ class HostStep:
         if self.fused:
             enable_fused(optimizer)
 
-    def step(self, optimizer: Optimizer, kwargs: dict[str, Any], arriving: dict[int, tuple[torch.Tensor, list[bool]]] | None = None) -> None:
-        """Launch the user's optimizer on the host, unit by unit in forward order, and return at once.
+    def prepare(self, optimizer: Optimizer, kwargs: dict[str, Any]) -> None:
+        """The coming step's snapshot, taken before the backward of its last micro-batch: from then on a
+        unit whose gradients are final is updated as soon as they arrive (``early``), while backward goes on.
 
-        ``arriving``: unit index -> a micro-batch's packed gradients and which entries got one
-        (``Unit.accumulate``'s arguments), not yet added: each such unit adds them in its update's one
-        pass (exact where nothing reads the gradients between that micro-batch's backward and the step).
+        Exact only where nothing reads or changes gradients or hyperparameters between this backward and
+        the step (no clipping, no hook that reads gradients, automatic optimization): the glue decides.
+        The updates run on the host worker in the order the gradients arrive, each in one pass with the
+        arriving gradient added (``one_pass.py``), so the step itself has only the rest to launch.
         """
+        self.worker.check()
+        self._early = _Prepared(optimizer, dict(kwargs), *self._snapshot(optimizer))
+
+    def early(self, unit: Unit) -> Callable[[torch.Tensor, list[bool]], None] | None:
+        """The update that consumes ``unit``'s final gradients of a prepared step (on the host worker), or
+        None: no step prepared, or already started for this unit."""
+        prepared = self._early
+        if prepared is None or unit.index in prepared.started or not any(prepared.per_unit[unit.index]):
+            return None
+        prepared.started.add(unit.index)
+        self.stats.early_updates += 1
+        task = self._task(unit, prepared)
+        return lambda arriving, produced: task(arriving, produced)
+
+    def step(self, optimizer: Optimizer, kwargs: dict[str, Any]) -> None:
+        """Launch the user's optimizer on the host, unit by unit in forward order, and return at once;
+        units a prepared step already updated during backward are not launched again."""
         self.worker.check()  # a failed host task stops training here rather than after the next forward
-        hparams = snapshot_groups(optimizer)
-        per_unit = split_params(optimizer, self.owner, len(self.units))
-        place = self.place
-        place.before_step()
-        per_unit = place.step_params(per_unit)
-        state = place.step_state(optimizer)
+        prepared, self._early = self._early, None
+        if prepared is None or prepared.optimizer is not optimizer or prepared.kwargs != kwargs:
+            if prepared is not None and prepared.started:
+                raise RuntimeError(
+                    "megatrain started this optimizer step during backward, but a different optimizer or step "
+                    "arguments came: the glue must prepare the step it runs"
+                )
+            prepared = _Prepared(optimizer, dict(kwargs), *self._snapshot(optimizer))
         for fn in self.launching:
             fn()
         pending = self.streams.record_all()
@@ -76,25 +111,42 @@ class HostStep:
                     e.synchronize()
 
             self.worker.submit(sync_pending)
-        gate, lean, stats, updated = self.gate, self.lean, self.stats, self.updated
-        for unit, params in zip(self.units, per_unit):
-            grads = (arriving or {}).get(unit.index, (None, None))
-
-            def task(unit: Unit = unit, params: Any = params, grads: Any = grads) -> None:
-                if gate is not None:
-                    gate(unit.index)
-                start = time.perf_counter()
-                # step and write what the next forward streams, in one pass over the unit (one_pass.py)
-                if grads[0] is None:
-                    place.update(unit, optimizer, hparams, params, kwargs, state, lean)
-                else:
-                    place.update(unit, optimizer, hparams, params, kwargs, state, lean, *grads)
-                stats.optimizer_s += time.perf_counter() - start
-                updated(unit)
-
-            unit.ticket = self.worker.submit(task)
-        place.after_step(self.worker)
+        for unit in self.units:
+            if unit.index not in prepared.started:
+                task = self._task(unit, prepared)
+                unit.ticket = self.worker.submit(lambda task=task: task(None, None))
+        self.place.after_step(self.worker)
         optimizer._opt_called = True  # type: ignore[attr-defined]  # LR schedulers check that step ran
+
+    def cancel(self) -> None:
+        """Forget a prepared step whose updates have not started (its backward failed or sent nothing)."""
+        if self._early is not None and not self._early.started:
+            self._early = None
+
+    def _snapshot(self, optimizer: Optimizer) -> tuple[list[dict[str, Any]], list[list[list[torch.Tensor]]], Any]:
+        hparams = snapshot_groups(optimizer)  # a scheduler that runs meanwhile changes nothing in flight
+        self.place.before_step()
+        per_unit = self.place.step_params(split_params(optimizer, self.owner, len(self.units)))
+        return hparams, per_unit, self.place.step_state(optimizer)
+
+    def _task(self, unit: Unit, prepared: _Prepared) -> Callable[[torch.Tensor | None, list[bool] | None], None]:
+        optimizer, kwargs, hparams, state = prepared.optimizer, prepared.kwargs, prepared.hparams, prepared.state
+        params = prepared.per_unit[unit.index]
+        gate, lean, stats, updated, place = self.gate, self.lean, self.stats, self.updated, self.place
+
+        def task(arriving: torch.Tensor | None, produced: list[bool] | None) -> None:
+            if gate is not None:
+                gate(unit.index)
+            start = time.perf_counter()
+            # step and write what the next forward streams, in one pass over the unit (one_pass.py)
+            if arriving is None:
+                place.update(unit, optimizer, hparams, params, kwargs, state, lean)
+            else:
+                place.update(unit, optimizer, hparams, params, kwargs, state, lean, arriving, produced)
+            stats.optimizer_s += time.perf_counter() - start
+            updated(unit)
+
+        return task
 
     def wait_ticket(self, ticket: int) -> None:
         start = time.perf_counter()

@@ -94,6 +94,8 @@ class Runtime:
             # a step changes only trainable layers: frozen ones stay resident across it
             self.host.launching = [lambda: self.streamer.slots.invalidate(lambda u: u.trainable), self.outer.masters_changing]
             self.host.updated = self.outer.updated
+            if self.place.steps_early:
+                self.link.early = self.host.early
         except BaseException:
             self.detach()
             raise
@@ -150,6 +152,7 @@ class Runtime:
 
     def _start_step(self) -> None:
         self.saved.new_step()
+        self.streamer.new_step()
         if not self.place.keeps_residency:  # one device: kept; a slot is dropped when its layer changes
             self.streamer.slots.invalidate()
         for unit in self.layer_units:
@@ -178,10 +181,25 @@ class Runtime:
     def refresh_fused(self, optimizer: Optimizer) -> None:
         self.host.refresh_fused(optimizer)
 
+    def prepare_step(self, optimizer: Optimizer, **kwargs: Any) -> bool:
+        """Before the backward of a step's last micro-batch: let each layer's update start as soon as its
+        gradients are final, during backward (``HostStep.prepare``). The caller vouches that nothing reads
+        or changes gradients or hyperparameters before ``step`` (no clipping, no hook reading gradients).
+        False where this placement cannot (data parallel: the node's ranks reduce gradients first)."""
+        if not self.place.steps_early:
+            return False
+        self.host.prepare(optimizer, kwargs)
+        return True
+
     def step(self, optimizer: Optimizer, **kwargs: Any) -> None:
-        """Launch the user's optimizer on the host, unit by unit in forward order, and return at once."""
+        """Launch the user's optimizer on the host, unit by unit in forward order, and return at once
+        (after ``prepare_step``: only the units not updated during backward)."""
         self.host.step(optimizer, kwargs)
         self.outer.put_back()
+
+    def cancel_step(self) -> None:
+        """A prepared step will not come (its closure failed before backward): forget it."""
+        self.host.cancel()
 
     def wait(self) -> None:
         """Block until all host work (gradients, optimizer step) is done; in data parallel, also that of

@@ -53,6 +53,7 @@ class NodeShards:
     prefetch_from_worker = False  # a collective is issued from the main thread only
     waits_after_backward = True  # the ranks publish their added shares after each backward
     keeps_residency = False  # a slot fill is a collective: every rank drops residency at each step alike
+    steps_early = False  # gradients are reduce-scattered across the ranks first; the step follows backward
 
     def __init__(self, coll: Any, streams: Streams, device: torch.device, stats: Stats) -> None:
         self.coll, self.streams, self.device, self.stats = coll, streams, device, stats

@@ -42,6 +42,12 @@ class LayerStreamer:
             place.fit_slot(slot)
         self.anchor = torch.empty(0, device=self.device, requires_grad=True)
         self.forwards: list[tuple[nn.Module, Any]] = []
+        # per unit index: this micro-batch's calls whose backward has not run yet (a unit called twice
+        # has final gradients only after its second backward)
+        self.pending: dict[int, int] = {}
+
+    def new_step(self) -> None:
+        self.pending = {}
 
     def wrap(self, layer: nn.Module, unit: Unit) -> None:
         """Route the layer's calls through the streamer."""
@@ -115,6 +121,7 @@ class LayerStreamer:
             call = LayerCall(self, unit, fn, *strip_caches(args, kwargs))
             tensors = call.take_tensors()
             if unit.trainable or any(t.requires_grad for t in tensors):
+                self.pending[unit.index] = self.pending.get(unit.index, 0) + 1
                 outs = LayerFunction.apply(call, self.anchor, *tensors)
                 return call.join_output(outs)
         slot = self._acquire(unit, +1)
@@ -186,13 +193,15 @@ class LayerStreamer:
             unit.unbind()
         input_grads = list(grads[: len(wrt)])
         weight_grads = grads[len(wrt) :]
+        left = self.pending.get(unit.index, 1) - 1
+        self.pending[unit.index] = left
         if unit.trainable:
             channel = self.link.take()
             try:
                 with torch.no_grad():
                     trainable_entries = [e for e in unit.entries if e.goffset is not None]
                     dev, produced = self.place.pack_layer(unit, trainable_entries, weight_grads, channel)
-                self.link.send(unit, dev, channel.host, produced, release=channel)
+                self.link.send(unit, dev, channel.host, produced, release=channel, final=left == 0)
             except BaseException:
                 self.link.channels.put(channel)  # send submits last: a failure in it means no task will return it
                 raise

@@ -28,6 +28,7 @@ class Whole:
     prefetch_from_worker = True  # the host worker issues the non-layer copies right after their update
     waits_after_backward = False  # the host step is queued behind the gradients: only readers wait
     keeps_residency = True  # a layer still in a slot after backward is used again while its weights are unchanged
+    steps_early = True  # a layer is updated as soon as its gradients are final (``HostStep.prepare``)
 
     def __init__(self, streams: Streams, device: torch.device, stats: Stats) -> None:
         self.streams, self.device, self.stats = streams, device, stats
