@@ -91,6 +91,26 @@ class FrozenHalf(Quiet):
             block.requires_grad_(False)
 
 
+def test_a_slow_host_never_reads_a_non_layer_gradient_the_next_micro_batch_overwrote(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No wait after backward: the next micro-batch's non-layer gradients (one host buffer per unit, not
+    a pool of channels) must not be copied into that buffer before the host has added the last ones."""
+    import time
+
+    from lightning_megatrain.engine import whole
+
+    real = whole.Whole.consume
+
+    def slow(self: Any, unit: Any, *args: Any) -> None:
+        if unit.staging is not None:
+            time.sleep(0.05)  # the host falls behind: the next backward comes first
+        real(self, unit, *args)
+
+    monkeypatch.setattr(whole.Whole, "consume", slow)
+    # two trainable layers, two channels: backward never waits for a channel, i.e. for the host
+    plain, mega = fit_pair(FrozenHalf, accumulate_grad_batches=3, max_steps=2, loader=lambda: data(n=24))
+    assert_same_training(plain, mega, rtol=0, atol=0)
+
+
 def test_residency_is_kept_across_steps_for_unchanged_layers() -> None:
     """Layers still in a slot after backward are not copied again: across micro-batches of a step
     (nothing changed) and, for frozen layers, across optimizer steps; updated layers are copied fresh."""

@@ -28,6 +28,10 @@ class GradLink:
         self.device = streams.device
         self.arena: HostArena | None = None
         self.channels = ChannelPool([])
+        # a unit's own host buffer (non-layer units: ``Unit.staging``) -> the task that last reads it:
+        # training does not wait for the host after backward, so the next micro-batch's copy into the
+        # same buffer waits for that task first (channels need not: they come back only once consumed)
+        self._readers: dict[int, int] = {}
 
     def make_channels(self, layer_units: Sequence[Unit], count: int, pin: bool) -> None:
         """``count`` channels, each the largest layer's gradients in the compute dtype."""
@@ -49,6 +53,8 @@ class GradLink:
         """Copy ``dev`` into ``host`` on the D2H stream once the compute stream has produced it, and
         have the host worker add it into the unit's gradients; ``release`` is the channel to give back."""
         streams = self.streams
+        if release is None and host.data_ptr() in self._readers:
+            self.worker.wait(self._readers.pop(host.data_ptr()))  # usually long done: a whole micro-batch ago
         compute = streams.compute()
         packed, done = (release.packed, release.done) if release is not None else (streams.event(), streams.event())
         packed.record(compute)
@@ -66,7 +72,9 @@ class GradLink:
 
         # the channel goes back even when the task fails or is skipped: backward may be waiting for it
         pool = self.channels
-        self.worker.submit(task, cleanup=(lambda: pool.put(release)) if release is not None else None)
+        ticket = self.worker.submit(task, cleanup=(lambda: pool.put(release)) if release is not None else None)
+        if release is None:
+            self._readers[host.data_ptr()] = ticket
 
     def close(self) -> None:
         if self.arena is not None:
