@@ -165,7 +165,8 @@ def weights_materializer(module: nn.Module, path: PathLike, prefix: Optional[str
         used.update(found)
         if not found:
             if pid not in adapters:
-                missing.append(names[0])
+                name = names[0]
+                missing.append(f"{name[len(prefix):]} (module {name})" if prefix and name.startswith(prefix) else name)
             continue
         if files.shapes[found[0]] != tuple(p.shape):
             shapes.append(f"{found[0]} (file {list(files.shapes[found[0]])}, module {list(p.shape)})")
