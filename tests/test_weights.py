@@ -339,3 +339,28 @@ def test_lora_base_from_weights_adapters_from_peft(tmp_path: Path) -> None:
     # B = 0: the first loss is the base model's, as plain Lightning loading the files computes it
     plain = fit(LoraModule(source=hf), steps=1)
     assert model.losses[0] == plain.losses[0]
+
+
+# ---------------------------------------------------------------------- data parallel
+def test_data_parallel_weights_train_as_ddp_from_pretrained(tmp_path: Path) -> None:
+    """devices=2: the node's first rank fills the node-shared arenas from the files, every rank its buffers;
+    the training is DDP's loading the same files (tolerance as tests/test_distributed.py: another
+    summation order of the gradients)."""
+    import os
+    import subprocess
+    import sys
+
+    hf = save_llama(tmp_path / "hf")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    worker = Path(__file__).resolve().parent / "weights_dp_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), str(hf), str(tmp_path), "2"]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    for rank in range(2):
+        res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        mega, ddp = res["megatrain"], res["ddp"]
+        assert len(mega["losses"]) == 3
+        torch.testing.assert_close(torch.tensor(mega["losses"]), torch.tensor(ddp["losses"]), rtol=1e-5, atol=1e-5)
+        for name, value in ddp["params"].items():
+            torch.testing.assert_close(mega["params"][name], value, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
