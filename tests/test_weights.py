@@ -219,6 +219,46 @@ def test_a_missing_path_is_refused(tmp_path: Path) -> None:
         start_of(HFModule(), strategy(tmp_path / "empty"))
 
 
+
+class BuiltModule(HFModule):
+    """The HF model built whole on the CPU (randomly initialised) in ``__init__``, or under ``init_module``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = transformers.LlamaForCausalLM(llama_config())
+
+
+def test_weights_overwrite_a_model_built_on_the_cpu_and_load_once(tmp_path: Path) -> None:
+    hf = save_llama(tmp_path / "hf")
+    files = file_tensors(hf)
+    torch.manual_seed(99)
+    model = BuiltModule()
+    assert not torch.equal(model.model.lm_head.weight.detach(), files["lm_head.weight"])
+    start = start_of(model, strategy(hf))
+    for name, value in files.items():
+        assert torch.equal(start.params[f"model.{name}"], value), name
+    # a later run of the same (trained) module with the same weights does not reset it
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert not torch.equal(trained["model.lm_head.weight"], files["lm_head.weight"])
+    trainer(strategy(hf), max_steps=1).validate(model, data())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), trained[name]), name
+
+
+def test_init_module_empty_init_with_weights(tmp_path: Path) -> None:
+    hf = save_llama(tmp_path / "hf")
+    strat = strategy(hf)
+    t = trainer(strat, max_steps=1)
+    with t.init_module(empty_init=True):
+        model = BuiltModule()
+    assert all(p.is_meta for p in model.parameters())
+    start = Start()
+    t.callbacks.append(start)
+    t.fit(model, data())
+    for name, value in file_tensors(hf).items():
+        assert torch.equal(start.params[f"model.{name}"], value), name
+
+
 # ---------------------------------------------------------------------- no weights: the modules' own init
 class InitLM(BlockLM):
     def reset_parameters(self) -> None:  # the raw parameter: what nothing else initialises
@@ -364,3 +404,27 @@ def test_data_parallel_weights_train_as_ddp_from_pretrained(tmp_path: Path) -> N
         torch.testing.assert_close(torch.tensor(mega["losses"]), torch.tensor(ddp["losses"]), rtol=1e-5, atol=1e-5)
         for name, value in ddp["params"].items():
             torch.testing.assert_close(mega["params"][name], value, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_lora_resume_takes_the_base_from_weights_and_the_adapters_from_the_checkpoint(tmp_path: Path) -> None:
+    hf = save_llama(tmp_path / "hf", dtype=torch.bfloat16)
+    first = LoraModule()
+    t = trainer(strategy(hf), max_steps=2, default_root_dir=tmp_path)
+    t.fit(first, data())
+    t.save_checkpoint(tmp_path / "ckpt")
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    saved = [n for n in index["weight_map"] if n.startswith("model.")]
+    assert saved and all("lora_" in n for n in saved)  # checkpoint_frozen=None: adapters only (most is frozen)
+    resumed = LoraModule()
+    start = Start()
+    trainer(strategy(hf), max_steps=3, callbacks=[start]).fit(resumed, data(), ckpt_path=tmp_path / "ckpt")
+    want = {n: p.detach() for n, p in first.named_parameters()}
+    for name, value in start.params.items():
+        assert torch.equal(value, want[name]), name  # base from the files, adapters as trained
+
+
+def test_validate_a_meta_model_from_weights(tmp_path: Path) -> None:
+    hf = save_llama(tmp_path / "hf")
+    plain = trainer("auto", fused=False).validate(HFModule(source=hf), data())
+    mega = trainer(strategy(hf)).validate(HFModule(), data())
+    assert mega[0]["val_loss"] == pytest.approx(plain[0]["val_loss"], rel=1e-6)
