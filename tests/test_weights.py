@@ -428,3 +428,51 @@ def test_validate_a_meta_model_from_weights(tmp_path: Path) -> None:
     plain = trainer("auto", fused=False).validate(HFModule(source=hf), data())
     mega = trainer(strategy(hf)).validate(HFModule(), data())
     assert mega[0]["val_loss"] == pytest.approx(plain[0]["val_loss"], rel=1e-6)
+
+
+def _release_free_heap() -> None:
+    """Give freed heap pages back (glibc), so that the arenas' growth is seen, not hidden in reused pages."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: freed memory of earlier tests may hide part of the growth
+        pass
+
+
+def test_materialising_from_weights_makes_no_copy_of_the_model(tmp_path: Path) -> None:
+    """The arenas are the only model-sized memory: each tensor is read from the memory-mapped file into its
+    unit's arena (a transient of one tensor), never a whole model first."""
+    from lightning_megatrain.engine import Runtime, RuntimeConfig
+    from lightning_megatrain.memory import HostMemoryPeak
+    from lightning_megatrain.weights import weights_materializer
+
+    cfg = transformers.LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    # the files written one small shard at a time: no model-sized allocation is left in the heap to reuse
+    out, weight_map = tmp_path / "w", {}
+    out.mkdir()
+    groups: dict[str, list[str]] = {}
+    for name, _ in model.named_parameters():
+        groups.setdefault(".".join(name.split(".")[:3]) if ".layers." in name else name, []).append(name)
+    for i, names in enumerate(groups.values()):
+        shard = f"model-{i:05d}.safetensors"
+        save_file({n: torch.randn(model.get_parameter(n).shape) for n in names}, str(out / shard))
+        weight_map.update({n: shard for n in names})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model_bytes = sum(p.numel() * 4 for p in model.parameters())
+    largest = max(p.numel() * 4 for p in model.parameters())
+    materialize, files = weights_materializer(model, tmp_path / "w")
+    _release_free_heap()
+    with HostMemoryPeak() as peak:
+        runtime = Runtime(model, torch.device("cpu"), torch.float32, RuntimeConfig(grads=False, materialize=materialize))
+    files.close()
+    try:
+        # the arenas (model_bytes) plus about one tensor; a model copy first would be twice the model
+        assert model_bytes - 2 * largest < peak.extra < model_bytes + 2 * largest, (peak.extra, model_bytes)
+        for name, value in file_tensors(tmp_path / "w").items():
+            assert torch.equal(model.get_parameter(name), value), name
+    finally:
+        runtime.detach()
