@@ -365,6 +365,8 @@ def test_lora_base_from_weights_adapters_from_peft(tmp_path: Path) -> None:
     hf = save_llama(tmp_path / "hf", dtype=torch.bfloat16)
     files = file_tensors(hf)
     model = LoraModule()
+    model.configure_model()
+    assert all(p.is_meta for p in model.parameters())  # PEFT made its adapters on the base's (meta) device
     start = start_of(model, strategy(hf))
     base = {n: v for n, v in start.params.items() if "lora_" not in n}
     assert len(base) == len(files)
