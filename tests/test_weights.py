@@ -478,3 +478,26 @@ def test_materialising_from_weights_makes_no_copy_of_the_model(tmp_path: Path) -
             assert torch.equal(model.get_parameter(name), value), name
     finally:
         runtime.detach()
+
+
+class Scale(nn.Module):
+    """A custom module HF's ``_init_weights`` does not know, with its own ``reset_parameters``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.empty(32))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.gain)
+
+
+def test_a_custom_module_inside_a_meta_hf_model_uses_its_reset_parameters() -> None:
+    class WithScale(HFModule):
+        def configure_model(self) -> None:
+            super().configure_model()
+            if not hasattr(self.model.model, "scale"):
+                with torch.device("meta"):
+                    self.model.model.scale = Scale()
+
+    start = start_of(WithScale(), MegaTrainStrategy(fused_optimizer=False))
+    assert torch.equal(start.params["model.model.scale.gain"], torch.ones(32))

@@ -50,6 +50,14 @@ def has_meta(module: nn.Module) -> bool:
     return any(t.is_meta for t in module.parameters()) or any(b.is_meta for b in module.buffers())
 
 
+def _hf_then_own(hf: nn.Module, m: nn.Module, own: Any) -> None:
+    """HF's ``_init_weights`` for ``m``; a module it does not know (left NaN) that has its own
+    ``reset_parameters`` is initialised by that instead (a custom module inside an HF model)."""
+    hf._init_weights(m)
+    if callable(own) and any(p.is_floating_point() and not p.is_meta and bool(torch.isnan(p).any()) for p in m._parameters.values() if p is not None):
+        own()
+
+
 class Materializer:
     """What fills each parameter and buffer of one module when its arena is made.
 
@@ -105,11 +113,10 @@ class Materializer:
                 return None
             return lambda: layer.reset_lora_parameters(key, init)
         hf = self._hf.get(id(m))
+        own = getattr(m, "reset_parameters", None)
         if hf is not None:
-            return lambda: hf._init_weights(m)
-        if callable(getattr(m, "reset_parameters", None)):
-            return m.reset_parameters
-        return None
+            return lambda: _hf_then_own(hf, m, own)
+        return own if callable(own) else None
 
     def _owners(self) -> Iterable[tuple[str, nn.Module, str, torch.Tensor, bool]]:
         for mod_name, m in self.module.named_modules(remove_duplicate=False):
