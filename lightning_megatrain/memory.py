@@ -448,7 +448,8 @@ def plan_memory(
         trainable=trainable,
         host=host,
         device=dev,
-        host_in_use=store["trainable"] + store["frozen"],
+        # the parameters' own memory is freed as each unit is made (none on the meta device)
+        host_in_use=sum(p.numel() * p.element_size() for p in all_params if not p.is_meta),
         layer_params=sum(layer_numels),
         layer_trainable=sum(layer_trainable),
         stream_bytes=stream_bytes,

@@ -38,10 +38,12 @@ from .distributed import (  # noqa: F401 - ELEMENTWISE_OPTIMIZERS and _add_to_me
     make_launcher,
 )
 from .engine import Runtime, RuntimeConfig, check_optimizer
+from .engine.materialize import has_meta
 from .memory import HOST_MEMORY_MODES, choose_host_memory, plan_memory
 from .placement import place_states
 from .precision import MegaTrainPrecision
 from .readers import schedule
+from .weights import WeightsFiles, weights_materializer
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,10 @@ class MegaTrainStrategy(ParallelStrategy):
         timeout: how long a collective may wait for the other ranks before it fails.
         start_method: ``"popen"`` starts the script again for each extra device (as ``strategy="ddp"``);
             ``"spawn"``, ``"fork"``, ``"forkserver"`` start processes with multiprocessing.
+        weights: fill the host arenas at setup from a ``save_pretrained`` directory, a ``.safetensors`` file or
+            a megatrain sharded checkpoint, memory-mapped, one layer at a time (a model built on the meta
+            device, ``Trainer.init_module(empty_init=True)``, is never made whole); see :mod:`lightning_megatrain.weights`.
+        weights_prefix: the module name the files' names sit under (``"model."``); default: found from the names.
     """
 
     strategy_name = "megatrain"
@@ -139,27 +145,13 @@ class MegaTrainStrategy(ParallelStrategy):
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = timedelta(minutes=30),
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        weights: Optional[Union[str, Path]] = None,
+        weights_prefix: Optional[str] = None,
     ) -> None:
-        if not isinstance(prefetch, int) or prefetch < 1:
-            raise ValueError(f"prefetch must be an integer >= 1 (layers copied ahead), got {prefetch!r}")
-        if not isinstance(grad_channels, int) or grad_channels < 1:
-            raise ValueError(f"grad_channels must be an integer >= 1 (gradient buffers in flight), got {grad_channels!r}")
-        if host_threads is not None and (not isinstance(host_threads, int) or host_threads < 1):
-            raise ValueError(f"host_threads must be an integer >= 1 or None (all cores but one), got {host_threads!r}")
-        if checkpoint_format not in ("sharded", "single_file"):
-            raise ValueError(f"checkpoint_format must be 'sharded' or 'single_file', got {checkpoint_format!r}")
-        if not isinstance(checkpoint_shard_bytes, int) or checkpoint_shard_bytes <= 0:
-            raise ValueError(f"checkpoint_shard_bytes must be a positive number of bytes, got {checkpoint_shard_bytes!r}")
-        if host_memory not in HOST_MEMORY_MODES:
-            raise ValueError(
-                f"host_memory must be one of {', '.join(repr(m) for m in HOST_MEMORY_MODES)}, got {host_memory!r}"
-            )
-        if async_checkpoint and checkpoint_format != "sharded":
-            raise ValueError("async_checkpoint=True needs checkpoint_format='sharded'")
-        if device is not None and parallel_devices:
-            raise ValueError("pass either device (one device) or parallel_devices, not both")
-        if start_method not in ("popen", "spawn", "fork", "forkserver"):
-            raise ValueError(f"start_method must be 'popen', 'spawn', 'fork' or 'forkserver', got {start_method!r}")
+        _check_options(
+            prefetch, grad_channels, host_threads, checkpoint_format, checkpoint_shard_bytes, host_memory, async_checkpoint,
+            device, parallel_devices, start_method,
+        )
         if isinstance(device, int):
             device = torch.device("cuda", device)
         self._devices: Optional[list[torch.device]] = [torch.device(device)] if device is not None else None
@@ -192,6 +184,7 @@ class MegaTrainStrategy(ParallelStrategy):
         self.overlap_optimizer = overlap_optimizer
         self.host_memory = host_memory
         self.checkpoint_frozen = checkpoint_frozen
+        self.weights, self.weights_prefix = weights, weights_prefix
         self.runtime: Optional[Runtime] = None
         self._failure: Optional[BaseException] = None  # the error on_exception saw: teardown must not hide it
         self.memory_plan: Any = None
@@ -280,8 +273,9 @@ class MegaTrainStrategy(ParallelStrategy):
 
     @contextlib.contextmanager
     def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
-        # The model is built in host memory: that is where it lives.
-        with torch.device("cpu"):
+        # The model is built in host memory, where it lives; empty_init: on the meta device, materialised
+        # unit by unit in the host arenas at setup (from ``weights`` or by the modules' own initialisation)
+        with torch.device("meta" if empty_init else "cpu"):
             yield
 
     def model_to_device(self) -> None:
@@ -399,7 +393,7 @@ class MegaTrainStrategy(ParallelStrategy):
             if self.check_memory:
                 self.memory_plan.check()
 
-        self.runtime = Runtime(self.model, self.root_device, precision.compute_dtype, self.config, before_alloc=plan)
+        self.runtime = _make_runtime(self, precision.compute_dtype, plan)  # ``weights`` fill the arenas as made
         self.model_to_device()  # after the plan was checked: metric states, buffers and ``device``
         for optimizer in self.optimizers:
             self.runtime.attach_optimizer(optimizer)
@@ -575,3 +569,56 @@ def _detach(strategy: MegaTrainStrategy) -> None:
         finally:
             strategy.precision_plugin.runtime = None
             strategy.optimizers = strategy.optimizers  # re-wrap the restored optimizer classes
+
+
+def _weights_files(strategy: MegaTrainStrategy) -> Optional[WeightsFiles]:
+    """Match ``weights`` to the module and hand the engine what fills it; once per module (a later fit or
+    test of the same module, still holding what it learned, is not reset), unless it is on the meta device."""
+    module, path = strategy.model, strategy.weights
+    if path is None:
+        return None
+    if getattr(module, "_megatrain_weights_source", None) == str(Path(path).resolve()) and not has_meta(module):
+        return None
+    strategy.config.materialize, files = weights_materializer(module, path, strategy.weights_prefix)
+    return files
+
+
+def _make_runtime(strategy: MegaTrainStrategy, compute_dtype: torch.dtype, plan: Any) -> Runtime:
+    """The engine on the module; ``weights`` (if due) fill each unit's arena as it is made."""
+    files = _weights_files(strategy)
+    try:
+        runtime = Runtime(strategy.model, strategy.root_device, compute_dtype, strategy.config, before_alloc=plan)
+    finally:
+        strategy.config.materialize = None
+        if files is not None:
+            files.close()
+    if files is not None:  # recorded in checkpoints that leave the base out (checkpoint_frozen)
+        strategy.model._megatrain_weights_source = str(files.path.resolve())
+    return runtime
+
+
+def _check_options(
+    prefetch: Any, grad_channels: Any, host_threads: Any, checkpoint_format: Any, checkpoint_shard_bytes: Any,
+    host_memory: Any, async_checkpoint: bool, device: Any, parallel_devices: Any, start_method: Any,
+) -> None:
+    """Refuse bad options when the strategy is made, before Lightning or anything else runs."""
+    if not isinstance(prefetch, int) or prefetch < 1:
+        raise ValueError(f"prefetch must be an integer >= 1 (layers copied ahead), got {prefetch!r}")
+    if not isinstance(grad_channels, int) or grad_channels < 1:
+        raise ValueError(f"grad_channels must be an integer >= 1 (gradient buffers in flight), got {grad_channels!r}")
+    if host_threads is not None and (not isinstance(host_threads, int) or host_threads < 1):
+        raise ValueError(f"host_threads must be an integer >= 1 or None (all cores but one), got {host_threads!r}")
+    if checkpoint_format not in ("sharded", "single_file"):
+        raise ValueError(f"checkpoint_format must be 'sharded' or 'single_file', got {checkpoint_format!r}")
+    if not isinstance(checkpoint_shard_bytes, int) or checkpoint_shard_bytes <= 0:
+        raise ValueError(f"checkpoint_shard_bytes must be a positive number of bytes, got {checkpoint_shard_bytes!r}")
+    if host_memory not in HOST_MEMORY_MODES:
+        raise ValueError(
+            f"host_memory must be one of {', '.join(repr(m) for m in HOST_MEMORY_MODES)}, got {host_memory!r}"
+        )
+    if async_checkpoint and checkpoint_format != "sharded":
+        raise ValueError("async_checkpoint=True needs checkpoint_format='sharded'")
+    if device is not None and parallel_devices:
+        raise ValueError("pass either device (one device) or parallel_devices, not both")
+    if start_method not in ("popen", "spawn", "fork", "forkserver"):
+        raise ValueError(f"start_method must be 'popen', 'spawn', 'fork' or 'forkserver', got {start_method!r}")

@@ -50,3 +50,19 @@ def test_strategy_by_class_path_with_init_args() -> None:
 def test_bad_init_arg_type_is_rejected() -> None:
     with pytest.raises(SystemExit):
         _cli(["--trainer.strategy=lightning_megatrain.MegaTrainStrategy", "--trainer.strategy.init_args.prefetch=fast"])
+
+
+def test_weights_flag(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    for flag in ("--trainer.strategy.weights", "--trainer.strategy.init_args.weights"):
+        cli = _cli(
+            [
+                "--trainer.strategy=lightning_megatrain.MegaTrainStrategy",
+                f"{flag}={tmp_path}",
+                "--trainer.strategy.weights_prefix=net.",
+                "--trainer.accelerator=cpu",
+                "--trainer.logger=false",
+            ]
+        )
+        strategy = cli.trainer.strategy
+        assert isinstance(strategy, MegaTrainStrategy)
+        assert str(strategy.weights) == str(tmp_path) and strategy.weights_prefix == "net."

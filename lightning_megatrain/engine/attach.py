@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .materialize import Materializer
 from .units import Entry, Unit, assign_offsets, collect_entries
 
 
@@ -95,8 +96,12 @@ def split_outer(module: nn.Module, layers: list[nn.Module], entries: list[Entry]
     return inputs, outputs
 
 
-def build_units(module: nn.Module, layers: list[nn.Module], place: Any, layer_dtype: torch.dtype, pin: bool, grads: bool) -> list[Unit]:
-    """The module's units in forward order (outer_in, layer0..., outer_out), made by ``place``."""
+def build_units(
+    module: nn.Module, layers: list[nn.Module], place: Any, layer_dtype: torch.dtype, pin: bool, grads: bool,
+    materialize: Materializer | None = None,
+) -> list[Unit]:
+    """The module's units in forward order (outer_in, layer0..., outer_out), made by ``place``; each is
+    filled as it is made (``materialize``: meta parameters and weights files), one at a time."""
     layer_ids = {id(p) for layer in layers for p in layer.parameters()}
     inputs, outputs = split_outer(module, layers, collect_entries([("", module)], exclude=layer_ids, grads=grads))
     # Non-layer parameters in two units around the layer stack, each stepped in its place: the input
@@ -104,11 +109,11 @@ def build_units(module: nn.Module, layers: list[nn.Module], place: Any, layer_dt
     # masters (frozen ones as stored): embeddings, norms and head compute in fp32 as in plain mixed
     # precision, and they cross once per optimizer step, not per micro-batch.
     place.before_units()
-    units = [place.make_unit("outer_in", 0, inputs, torch.float32, pin=pin, staging=True)]
+    units = [place.make_unit("outer_in", 0, inputs, torch.float32, pin=pin, staging=True, materialize=materialize)]
     for i, layer in enumerate(layers):
         entries = collect_entries([("", layer)], exclude=set(), grads=grads)
-        units.append(place.make_unit(f"layer{i}", i + 1, entries, layer_dtype, pin=pin, staging=False, module=layer))
-    units.append(place.make_unit("outer_out", len(layers) + 1, outputs, torch.float32, pin=pin, staging=True))
+        units.append(place.make_unit(f"layer{i}", i + 1, entries, layer_dtype, pin=pin, staging=False, module=layer, materialize=materialize))
+    units.append(place.make_unit("outer_out", len(layers) + 1, outputs, torch.float32, pin=pin, staging=True, materialize=materialize))
     return units
 
 

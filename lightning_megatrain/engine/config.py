@@ -25,6 +25,9 @@ class RuntimeConfig:
     grad_channels: int = 2  # layers' gradients in flight to the host before backward waits for the host
     host_threads: int | None = None  # intra-op threads of the host worker; None: all cores but one
     collective: object = None  # data parallel: an ``engine.collective.Collective``; None: one device
+    # what fills parameters built on the meta device or given by a weights file: an
+    # ``engine.materialize.Materializer``; None: meta tensors are initialised by their modules
+    materialize: object = None
 
     def check(self) -> None:
         """Refuse bad options before anything is allocated."""

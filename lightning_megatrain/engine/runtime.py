@@ -23,6 +23,7 @@ from .config import RuntimeConfig, Stats
 from .grad_link import GradLink
 from .host_step import HostStep
 from .layers import find_layers
+from .materialize import Materializer
 from .outer import OuterParams, check_trainable
 from .saved_inputs import SavedInputs
 from .sharded import NodeShards
@@ -57,6 +58,8 @@ class Runtime:
         self.lean = LeanState() if config.host_memory == "lean" else None
         self.layers = find_layers(module, config.layer_cls)
         check_module(module, self.layers, config.grads)
+        materialize = config.materialize if isinstance(config.materialize, Materializer) else Materializer(module)
+        materialize.check()  # meta tensors that nothing fills: refused before anything is allocated
         if before_alloc is not None:
             before_alloc(self.layers)
         self._stats = Stats()
@@ -69,7 +72,8 @@ class Runtime:
         self.worker = Worker(threads=threads if threads is not None else self.place.host_threads(default_host_threads() + 1))
         self.units: list[Unit] = []
         try:
-            self.units = build_units(module, self.layers, self.place, self.compute_dtype, pin, config.grads)
+            self.units = build_units(module, self.layers, self.place, self.compute_dtype, pin, config.grads, materialize)
+            materialize.buffers()
             self.outer_in, self.outer_out = self.units[0], self.units[-1]
             self.layer_units = self.units[1:-1]
             self.place.after_units(self.units, (self.outer_in, self.outer_out), pin)

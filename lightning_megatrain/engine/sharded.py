@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from .config import Stats
 from .host import HostArena, PinnedRange
+from .materialize import Materializer
 from .stepper import step_unit
 from .stream import GradChannel, Slot, Streams
 from .units import Entry, Unit, image_layout, stream_dtypes
@@ -82,7 +83,11 @@ class NodeShards:
         if self.coll.rank != 0:
             self.coll.barrier()  # the node's first rank fills the shared arenas first
 
-    def make_unit(self, name: str, index: int, entries: list[Entry], dtype: torch.dtype, pin: bool, staging: bool, module: nn.Module | None = None) -> Unit:
+    def make_unit(
+        self, name: str, index: int, entries: list[Entry], dtype: torch.dtype, pin: bool, staging: bool,
+        module: nn.Module | None = None, materialize: Materializer | None = None,
+    ) -> Unit:
+        """The unit in node-shared memory; the node's first rank fills it (and reads any weights file)."""
         coll = self.coll
         dtypes = stream_dtypes([e.param for e in entries], [e.goffset is not None for e in entries], dtype)
         nbytes = image_layout(dtypes, [e.numel for e in entries])[1]
@@ -93,7 +98,7 @@ class NodeShards:
         # pinned later, each rank only the image bytes it copies to its GPU (after_units)
         return Unit(
             name, index, entries, dtype, pin=False, staging=False, module=module, shared=path, fill=coll.rank == 0,
-            image_bytes=coll.chunk(nbytes) * coll.size,
+            image_bytes=coll.chunk(nbytes) * coll.size, materialize=materialize,
         )
 
     def after_units(self, units: list[Unit], outer: Sequence[Unit], pin: bool) -> None:

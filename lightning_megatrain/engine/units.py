@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .host import HostArena, add_widened
+from .materialize import Materializer, bind_storage
 
 
 @dataclass
@@ -127,10 +128,12 @@ class Unit:
         shared: str | None = None,
         fill: bool = True,
         image_bytes: int | None = None,
+        materialize: Materializer | None = None,
     ) -> None:
         """``shared``: the node-shared file the arena lives in (data parallel); ``fill=False`` when another
         rank of the node has already filled it (the parameters only become views of it);
-        ``image_bytes``: the image padded to whole rank shards."""
+        ``image_bytes``: the image padded to whole rank shards; ``materialize``: what fills parameters
+        built on the meta device or given by a weights file (``materialize.py``)."""
         self.name = name
         self.module = module
         self.mutates_buffers = False
@@ -166,9 +169,11 @@ class Unit:
         with torch.no_grad():
             for e in entries:
                 view = self.store_view(e)
-                if fill:
+                if fill and not (materialize is not None and materialize.fills(e.param)):
                     view.copy_(e.param.data)
-                e.param.data = view  # the old storage is freed here, one unit at a time
+                bind_storage(e.param, view)  # the old storage is freed here, one unit at a time
+            if fill and materialize is not None:
+                materialize.fill(entries, self.store_view)
         self._synced: dict[int, int] = {}
         self._synced_raw = -1
         if fill:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .config import Stats
+from .materialize import Materializer
 from .one_pass import update_unit
 from .stream import GradChannel, Slot, Streams
 from .units import Entry, Unit
@@ -40,8 +41,11 @@ class Whole:
     def plans_checked(self) -> None:
         """Every process has checked its memory plan (one device: nothing to wait for)."""
 
-    def make_unit(self, name: str, index: int, entries: list[Entry], dtype: torch.dtype, pin: bool, staging: bool, module: nn.Module | None = None) -> Unit:
-        return Unit(name, index, entries, dtype, pin=pin, staging=staging, module=module)
+    def make_unit(
+        self, name: str, index: int, entries: list[Entry], dtype: torch.dtype, pin: bool, staging: bool,
+        module: nn.Module | None = None, materialize: Materializer | None = None,
+    ) -> Unit:
+        return Unit(name, index, entries, dtype, pin=pin, staging=staging, module=module, materialize=materialize)
 
     def before_units(self) -> None:
         pass
