@@ -18,6 +18,12 @@ The worker's rows run on the host worker thread with ``--host-threads`` intra-op
 all cores, like the bare AdamW on the main thread); ``--default-cap`` adds the optimizer row with
 megatrain's default cap (all cores but one). Targets (issue 10): optimizer >= 0.9x bare fused AdamW,
 later-micro-batch accumulation >= copy GB/s / 3.
+
+Then, per ``host_memory`` mode, the whole host update of one optimizer step as training runs it
+(issue 25): the last micro-batch's gradients arrive layer by layer (backward order) and each layer's
+update adds them, steps and writes what the next forward streams in one pass (``HostStep.prepare`` /
+``early``), against bare fused AdamW over the same parameters, whose gradients are already complete:
+``host update per step / bare fused AdamW: fast F, compact C, lean L`` (targets F, C <= 1.1, L <= C).
 """
 
 from __future__ import annotations
@@ -146,6 +152,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     bare_opt = torch.optim.AdamW(bare, lr=1e-4, fused=True)
     row("optimizer: bare torch fused AdamW (main thread)", _best(lambda: _time(bare_opt.step), args.repeat), 28)
 
+    bare_s = rows[-1]["s"]
+    per_step: dict[str, float] = {}
+    for mode in ("fast", "compact", "lean"):
+        seconds = _update_per_step(args.layers, d, threads, mode, args.repeat)
+        per_step[mode] = seconds / bare_s
+        # bytes per parameter the pass moves: arriving gradient (bf16 in fast), .grad, master and the two
+        # moments read and written (moments in bf16 under lean), the bf16 streamed copy written (fast)
+        traffic = {"fast": 2 + 8 + 8 + 16 + 2, "compact": 4 + 8 + 8 + 16, "lean": 4 + 8 + 8 + 8}[mode]
+        row(f"host update per step, {mode} (worker; the last micro-batch's gradients added in the pass)", seconds, traffic)
+
     by = {r["row"]: r for r in rows}
     copy = by["copy fp32 (main thread)"]
     acc = by["accumulate, later micro-batches (worker, chunked scratch)"]
@@ -155,6 +171,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "optimizer_vs_bare_params_per_s": opt_row["params_per_s"] / bare_row["params_per_s"],
         "accumulate_vs_copy_GBps": acc["GBps"] / copy["GBps"],
         "scratch_speedup": by["accumulate, later, grad.add_(bf16) temporary (worker, before)"]["s"] / acc["s"],
+        **{f"update_per_step_vs_bare_{mode}": v for mode, v in per_step.items()},
     }
     save_json(args.out, result)
     print(f"machine: {result['machine']}")
@@ -166,7 +183,46 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print(f"optimizer / bare fused AdamW: {t['optimizer_vs_bare_params_per_s']:.2f}x params/s (target >= 0.9); "
           f"accumulation / copy: {t['accumulate_vs_copy_GBps']:.2f}x GB/s (target >= 0.33); "
           f"scratch vs temporary: {t['scratch_speedup']:.2f}x faster")
+    print(f"host update per step / bare fused AdamW: fast {per_step['fast']:.2f}, compact {per_step['compact']:.2f}, "
+          f"lean {per_step['lean']:.2f}")
     return result
+
+
+def _update_per_step(n_layers: int, d: int, threads: int, mode: str, repeat: int) -> float:
+    """Seconds of one optimizer step's host work in ``mode``: the last micro-batch's gradients (in the
+    dtype they cross PCIe in) handed to each layer's update as backward would, from the last layer,
+    then the step and a wait for it; an earlier micro-batch's gradients are already in ``.grad``."""
+    from lightning_megatrain.engine import Runtime, RuntimeConfig
+
+    torch.manual_seed(0)
+    model = Layers(n_layers, d)
+    rt = Runtime(model, torch.device("cpu"), torch.bfloat16, RuntimeConfig(host_threads=threads, host_memory=mode))
+    try:
+        units = rt.layer_units
+        srcs = [torch.randn(u.gnumel).to(rt.compute_dtype) for u in units]
+        every = [[True] * sum(1 for e in u.entries if e.goffset is not None) for u in units]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        rt.attach_optimizer(opt)  # fused
+
+        def once() -> float:
+            for u, s, p in zip(units, srcs, every):  # the earlier micro-batch, not timed
+                rt.worker.submit(lambda u=u, s=s, p=p: u.accumulate(s, p))
+            rt.wait()
+            start = time.perf_counter()
+            rt.host.prepare(opt, {})
+            for u, s, p in reversed(list(zip(units, srcs, every))):
+                update = rt.host.early(u)
+                assert update is not None
+                rt.worker.submit(lambda update=update, s=s, p=p: update(s, p))
+            rt.step(opt)
+            rt.wait()
+            seconds = time.perf_counter() - start
+            opt.zero_grad()
+            return seconds
+
+        return _best(once, repeat)
+    finally:
+        rt.detach()
 
 
 def _time(fn: Callable[[], Any]) -> float:

@@ -127,10 +127,15 @@ def test_host_pipeline_smoke(tmp_path: Path) -> None:
     out = tmp_path / "hp.json"
     result = _load("host_pipeline").main(["--params", "20000", "--layers", "2", "--repeat", "1", "--out", str(out)])
     rows = [r["row"] for r in json.loads(out.read_text())["rows"]]
-    assert rows[0].startswith("copy") and rows[-1].startswith("optimizer: bare torch fused AdamW")
+    assert rows[0].startswith("copy") and any(r.startswith("optimizer: bare torch fused AdamW") for r in rows)
+    assert [r for r in rows if r.startswith("host update per step")][-1].startswith("host update per step, lean")
     assert any(r.startswith("accumulate, later micro-batches") for r in rows)
     assert all(r["params_per_s"] > 0 and r["GBps"] > 0 for r in result["rows"])
-    assert set(result["targets"]) == {"optimizer_vs_bare_params_per_s", "accumulate_vs_copy_GBps", "scratch_speedup"}
+    assert set(result["targets"]) == {
+        "optimizer_vs_bare_params_per_s", "accumulate_vs_copy_GBps", "scratch_speedup",
+        "update_per_step_vs_bare_fast", "update_per_step_vs_bare_compact", "update_per_step_vs_bare_lean",
+    }
+    assert all(result["targets"][f"update_per_step_vs_bare_{m}"] > 0 for m in ("fast", "compact", "lean"))
 
 
 def test_throughput_lora_smoke(tmp_path: Path) -> None:
