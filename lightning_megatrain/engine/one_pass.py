@@ -36,6 +36,12 @@ from .state import HELD_DTYPE
 from .stepper import step_unit
 from .units import Entry, Unit
 
+# Off by default: measured slower than stepping whole parameters on the 2-core CI machine
+# (benchmarks/RESULTS.md, "Host update per step": the many small kernel calls each pay the worker's
+# thread-pool synchronisation); kept, and held bitwise by tests/test_one_pass.py, to be measured on a
+# many-core host before it is turned on. Without it a unit's update still adds the arriving gradient,
+# steps and re-casts in one task, over whole parameters.
+USE_CHUNKS = False
 CHUNK = 1 << 16  # elements per chunk: its fp32 parameter, gradient and two moments are 1 MiB, in a core's L2
 ALIGN = 64  # a parameter is cut only at multiples of this many elements from its start (vector width x 4)
 _local = threading.local()  # per-thread scratch: the widened gradient and lean state of one chunk
@@ -176,7 +182,7 @@ class _SGD(_Kernel):
 def kernel_for(optimizer: Optimizer, hp: dict[str, Any], kwargs: dict[str, Any], lean: bool) -> _Kernel | None:
     """The chunked kernel for one param group, or None where the optimizer's own ``step`` must run."""
     base = type(optimizer).__dict__.get("_megatrain_base", type(optimizer))
-    if kwargs or not hp.get("fused") or hp.get("differentiable") or hp.get("capturable") or _hooked(optimizer):
+    if not USE_CHUNKS or kwargs or not hp.get("fused") or hp.get("differentiable") or hp.get("capturable") or _hooked(optimizer):
         return None
     if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
         return None
