@@ -73,7 +73,7 @@ class HostStep:
 
         Exact only where nothing reads or changes gradients or hyperparameters between this backward and
         the step (no clipping, no hook that reads gradients, automatic optimization): the glue decides.
-        The updates run on the host worker in the order the gradients arrive, each in one pass with the
+        The updates run on the host worker in the order the gradients arrive, each one task with the
         arriving gradient added (``one_pass.py``), so the step itself has only the rest to launch.
         """
         self.worker.check()
@@ -87,8 +87,7 @@ class HostStep:
             return None
         prepared.started.add(unit.index)
         self.stats.early_updates += 1
-        task = self._task(unit, prepared)
-        return lambda arriving, produced: task(arriving, produced)
+        return self._task(unit, prepared)
 
     def step(self, optimizer: Optimizer, kwargs: dict[str, Any]) -> None:
         """Launch the user's optimizer on the host, unit by unit in forward order, and return at once;
@@ -138,7 +137,7 @@ class HostStep:
             if gate is not None:
                 gate(unit.index)
             start = time.perf_counter()
-            # step and write what the next forward streams, in one pass over the unit (one_pass.py)
+            # add the arriving gradient, step and write what the next forward streams, in one task (one_pass.py)
             if arriving is None:
                 place.update(unit, optimizer, hparams, params, kwargs, state, lean)
             else:
