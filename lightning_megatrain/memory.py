@@ -334,7 +334,7 @@ def plan_memory(
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"plan_memory needs {name} to be a positive int (GPUs per node, nodes), got {value!r}")
     dp = ranks_per_node * nodes > 1
-    layer_numels, layer_trainable, layer_images = [], [], []
+    layer_numels, layer_trainable, layer_images, layer_casts = [], [], [], []
     layer_ids: set[int] = set()
     store = {"trainable": 0, "frozen": 0, "cast": 0}  # host bytes: fp32 masters, frozen as stored, compute copies
 
@@ -346,6 +346,8 @@ def plan_memory(
             store["trainable" if t else "frozen"] += p.numel() * p.element_size()
             if sd != p.dtype:
                 store["cast"] += p.numel() * _size(sd)
+        # what autocast holds of the streamed weights cast to the compute dtype while the layer runs
+        layer_casts.append(sum(p.numel() for p, sd in zip(ps, dtypes) if sd != compute_dtype) * _size(compute_dtype))
         return image_layout(dtypes, [p.numel() for p in ps])[1]
 
     # without a host compute copy ("compact", "lean") the layers stream their fp32 masters
@@ -389,11 +391,17 @@ def plan_memory(
         "non-layer params and grads": outer_image + 8 * outer_trainable,
     }
     stream_bytes = sum(layer_images)
+    # One layer's backward makes its weights' gradients in the streamed dtype all at once, before they are
+    # packed; weights streamed in another dtype than the compute dtype (fp32 masters in "compact" and
+    # "lean", fp32 adapters) are also held cast to it by autocast while the layer is recomputed.
+    working = ssize * max(layer_trainable, default=0) + max(layer_casts[: len(layers)], default=0)
     if batch_tokens:
         hidden = hidden_size or _hidden_size(module, layers)
         if hidden:
             dev["saved layer inputs"] = len(layers) * batch_tokens * hidden * csize
-            dev["one layer's working set (est.)"] = 16 * batch_tokens * hidden * csize + csize * max(layer_trainable, default=0)
+            working += 16 * batch_tokens * hidden * csize
+    if working:
+        dev["one layer's working set (est.)"] = working
     shared: dict[str, int] = {}
     private: dict[str, int] = {}
     gather_bytes = internode_bytes = 0

@@ -12,11 +12,20 @@ parameters, which gives the same update because torch's optimizers update each p
 
 Hand-written rather than a torch feature: torch optimizers keep state in the parameter's dtype, and
 ``Optimizer.load_state_dict`` casts loaded state to it, so the narrowing is re-applied after a load.
+
+The bf16 state lives in anonymous memory mappings of its exact size (one per narrowing, a unit's worth),
+not in malloc's heap: the first step creates each parameter's state in fp32 and frees it once rounded;
+had the long-lived bf16 tensors been placed in the heap between those freed blocks, every layer's fp32
+state would have left a hole the next, larger request could not reuse (measured: lean's peak RSS 1.17x
+its plan on an 88M-parameter Llama, benchmarks/host_memory.py). Mapped, the bf16 state stays out of the
+way and the fp32 blocks of one layer are reused by the next.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -35,6 +44,24 @@ def _narrowable(value: object, param: torch.Tensor) -> bool:
         and value.shape == param.shape
         and value.dim() > 0
     )
+
+
+def mapped(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat tensor in an anonymous mapping of its own, unmapped when the last view of it goes."""
+    size = torch.empty((), dtype=dtype).element_size()
+    buf = mmap.mmap(-1, max(numel * size, 1))
+    return torch.frombuffer(buf, dtype=dtype, count=numel)  # keeps ``buf`` alive while a view lives
+
+
+def give_back_heap() -> None:
+    """Return malloc's free heap memory to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Hand-written through ctypes: neither torch nor psutil exposes it, and glibc keeps freed blocks
+    below its top and up to 64 MiB at the top in the process."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class LeanState:
@@ -68,17 +95,29 @@ class LeanState:
         return self._scratch
 
     @staticmethod
-    def narrow(optimizer: Optimizer, params: Iterable[torch.Tensor] | None = None) -> None:
-        """Round every floating state tensor of ``params`` (default: all) to bf16, in new storage."""
+    def narrow(optimizer: Optimizer, params: Iterable[torch.Tensor] | None = None) -> int:
+        """Round every floating state tensor of ``params`` (default: all) to bf16, in one new mapping;
+        the number of tensors rounded."""
         if params is None:
             params = [p for g in optimizer.param_groups for p in g["params"]]
+        todo = []
         for p in params:
             state = optimizer.state.get(p)
             if not state:
                 continue
             for key, value in state.items():
                 if _narrowable(value, p) and value.dtype != HELD_DTYPE:
-                    state[key] = value.to(HELD_DTYPE)
+                    todo.append((state, key, value))
+        if not todo:
+            return 0
+        held = mapped(sum(v.numel() for _, _, v in todo), HELD_DTYPE)
+        offset = 0
+        for state, key, value in todo:
+            narrow = held[offset : offset + value.numel()].view(value.shape)
+            offset += value.numel()
+            narrow.copy_(value)  # round to nearest even
+            state[key] = narrow
+        return len(todo)
 
     @contextlib.contextmanager
     def widened(self, optimizer: Optimizer, params: list[torch.Tensor]) -> Iterator[None]:
@@ -108,5 +147,10 @@ class LeanState:
             for state, key, narrow in held:
                 narrow.copy_(state[key])  # round to nearest even
                 state[key] = narrow
-            # state created by this step (the first one) is fp32 and gets its bf16 storage now
-            self.narrow(optimizer, params)
+            # state created by this step (the first one) is fp32 and gets its bf16 storage now; freed, the
+            # fp32 tensors stay in malloc's heap, split by the small long-lived objects made between them
+            # (each parameter's ``step``), so the next chunk cannot reuse them and the heap grows by a
+            # chunk's state per chunk (measured: +3 B/param over a 108M-parameter, 30-layer Llama's first
+            # step): hand them back to the system at once
+            if self.narrow(optimizer, params):
+                give_back_heap()

@@ -1,0 +1,49 @@
+"""The memory plan is a promise: a real fit's peak RSS stays within 5% of it in every host_memory mode.
+
+Each fit runs in a fresh process (tests/plan_truth_worker.py), so the high-water mark is the fit's own:
+construction, setup, the first optimizer step (where the optimizer state is made), a checkpoint save.
+What a Lightning fit costs whatever the model (threads, libraries loaded on first use, the trainer:
+~50 MiB) is measured by the same fit of a 90k-parameter model and taken off. On the CPU the plan's
+device part (layer slots, gradient buffers, the non-layer parameters' copies, one layer's working set)
+is host memory too, so what is held against the host total is peak - fixed cost - device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+WORKER = Path(__file__).with_name("plan_truth_worker.py")
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc/self/status (Linux)")
+
+
+def _fit(mode: str, size: str, tmp: Path) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(WORKER), mode, str(tmp), size], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["saved"], "the fit saved no checkpoint, so the save was not measured"
+    return r
+
+
+@pytest.fixture(scope="module")
+def fixed_cost(tmp_path_factory: pytest.TempPathFactory) -> int:
+    r = _fit("compact", "tiny", tmp_path_factory.mktemp("tiny"))
+    assert r["params"] < 1e6
+    return r["grew"] - r["plan_device"] - r["plan_host"]
+
+
+@pytest.mark.parametrize("mode", ["fast", "compact", "lean"])
+def test_peak_rss_of_a_fit_is_within_the_plan(mode: str, tmp_path: Path, fixed_cost: int) -> None:
+    r = _fit(mode, "smol", tmp_path)
+    assert r["params"] > 100e6
+    assert 0 < fixed_cost < 0.15 * r["plan_host"], f"a tiny fit grew by {fixed_cost / 2**20:.0f} MiB"
+    ratio = (r["grew"] - fixed_cost - r["plan_device"]) / r["plan_host"]
+    # neither exceeded nor padded: a plan far above what a fit uses misleads as well
+    assert 0.95 <= ratio <= 1.05, f"{mode}: peak RSS - fixed cost - plan device = {ratio:.3f} x the plan's host total ({r})"
