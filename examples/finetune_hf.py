@@ -9,12 +9,15 @@ sharded index), optionally a tokenizer. Nothing is downloaded:
         --trainer.precision=bf16-mixed --trainer.max_steps=500 --model.export_dir=out/llama-7b-ft
     python examples/finetune_hf.py fit --print_config                                       # every option
 
-The model is built from its config in fp32 on the CPU (``AutoModelForCausalLM.from_config``, weight
-initialisation skipped since every weight is overwritten), then the weights are copied into it with
-:func:`lightning_megatrain.checkpoint.load_hf_weights`, memory-mapped one tensor at a time, so a model
-larger than GPU memory never touches the GPU as a whole: megatrain keeps it in host memory and streams
-its layers. With ``--model.export_dir`` the fine-tuned weights are written in Hugging Face layout at the
-end of ``fit`` (with the config and, if the source had one, the tokenizer), ready for ``from_pretrained``.
+With ``strategy="megatrain"`` (the default) the model is built from its config on the meta device, so
+nothing is allocated, and the strategy is given ``weights=<pretrained_path>`` (unless you passed
+``--trainer.strategy.weights`` yourself): at setup each layer is made in its host arena and filled from
+the memory-mapped safetensors files, one tensor at a time (bf16 files become fp32 masters exactly). The
+model never exists whole anywhere else, and never touches the GPU as a whole: megatrain keeps it in
+host memory and streams its layers. Any other strategy gets the model from ``from_pretrained`` in fp32
+on the CPU, as plain Lightning would. With ``--model.export_dir`` the fine-tuned weights are written in
+Hugging Face layout at the end of ``fit`` (with the config and, if the source had one, the tokenizer),
+ready for ``from_pretrained``. Big models (Llama-3-70B, 120B): ``docs/big-models.md``.
 
 Tokenization: with the model's tokenizer when the directory has one (``tokenizer.json``,
 ``tokenizer_config.json`` or ``tokenizer.model``). Without one the text is fed as raw UTF-8 bytes, token
@@ -23,7 +26,7 @@ fallback is meant for models trained on bytes and for tests; for a model with a 
 byte ids are meaningless tokens, so ship its tokenizer in the directory.
 
 Resuming an interrupted fine-tune: ``fit --ckpt_path=<checkpoint>`` restores the trained weights over
-the pretrained ones (the checkpoint is loaded after the pretrained weights).
+the pretrained ones (the checkpoint is loaded after the pretrained weights are in place).
 """
 
 from __future__ import annotations
@@ -44,12 +47,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from causal_lm import CausalLMModule, TextWindowsDataModule, warmup_cosine  # noqa: E402,F401  (shared by the examples)
 
 import lightning_megatrain  # noqa: E402,F401  # registers strategy="megatrain" for the CLI
-from lightning_megatrain.checkpoint import export_hf, load_hf_weights
+from lightning_megatrain import MegaTrainStrategy  # noqa: E402
+from lightning_megatrain.checkpoint import export_hf  # noqa: E402
 
 try:  # transformers >= 5
     from transformers.initialization import no_init_weights
 except ImportError:  # transformers 4.x
-    from transformers.modeling_utils import no_init_weights
+    from transformers.modeling_utils import no_init_weights  # noqa: F401  (imported from here by finetune_lora)
 
 # from_config's dtype argument: "torch_dtype" before transformers 4.56
 DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
@@ -142,20 +146,24 @@ class HFCausalLMFinetune(CausalLMModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        config = load_config(pretrained_path)
-        # fp32 on the CPU whatever dtype config.json names: megatrain keeps fp32 masters in host memory and the
-        # precision flag picks the compute dtype. Random initialisation is skipped: load_hf_weights overwrites
-        # every weight (strictly: a weight missing from the files is an error, not a random leftover).
-        with torch.device("cpu"), no_init_weights():
-            self.model = AutoModelForCausalLM.from_config(config, **{DTYPE_KWARG: torch.float32})
-        self.model.tie_weights()  # no_init_weights also skips the tying of tied embeddings
-        self._weights_loaded = False
+        load_config(pretrained_path)  # fail at start, not when fit begins, on a directory without config.json
+        self.model: Any = None  # built in configure_model, where the strategy is known
 
     def configure_model(self) -> None:
         # Before megatrain's setup and before a ckpt_path restore, so a resumed run keeps its trained weights.
-        if not self._weights_loaded:
-            load_hf_weights(self, self.hparams.pretrained_path)
-            self._weights_loaded = True
+        if self.model is not None:
+            return
+        path = self.hparams.pretrained_path
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, MegaTrainStrategy) and strategy.weights is not None:
+            # Nothing allocated: megatrain makes each layer in its host arena and fills it from `weights`.
+            # fp32 whatever dtype config.json names: the host holds fp32 masters, the precision flag picks
+            # the compute dtype.
+            with torch.device("meta"):
+                self.model = AutoModelForCausalLM.from_config(load_config(path), **{DTYPE_KWARG: torch.float32})
+        else:  # any other strategy: the whole model in fp32 on the CPU, as plain Lightning would load it
+            # (from_pretrained returns eval mode; Lightning trains the modes it finds)
+            self.model = AutoModelForCausalLM.from_pretrained(path, **{DTYPE_KWARG: torch.float32}).train()
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir is None or not self.trainer.is_global_zero:
@@ -182,6 +190,14 @@ class FinetuneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data module finds the tokenizer (and checks vocab_size / positions) in the model's directory.
         parser.link_arguments("model.pretrained_path", "data.tokenizer_path")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # megatrain reads the weights itself, into the arenas of the meta-built model: point it at the model's
+        # directory, unless --trainer.strategy.weights names other files (a megatrain checkpoint, say)
+        strategy = self.trainer.strategy
+        if isinstance(self.model, HFCausalLMFinetune) and isinstance(strategy, MegaTrainStrategy) and strategy.weights is None:
+            strategy.weights = self.model.hparams.pretrained_path
 
 
 def main(args: Optional[list[str]] = None, run: bool = True) -> FinetuneCLI:

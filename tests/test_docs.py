@@ -103,6 +103,24 @@ def test_every_plan_command_in_the_docs_runs() -> None:
         assert _plan_output(argv).startswith("model: "), argv
 
 
+def test_big_models_summary_is_the_plans() -> None:
+    """docs/big-models.md's summary table (host GiB, fits 1 / 1.5 TiB, GPU GiB at 16k tokens) and its
+    80 GB figure for the 120B are the plan's."""
+    from lightning_megatrain.memory import GiB
+    from lightning_megatrain.plan import plan_for
+
+    text = (REPO / "docs" / "big-models.md").read_text()
+    presets = {"Llama-3-70B": "llama-70b", "120B": "llama-120b"}
+    rows = re.findall(r'^\| (Llama-3-70B|120B) \| `"(\w+)"`[^|]* \| ([\d.]+) \| (yes|no) \| (yes|no) \| ([\d.]+) \|$', text, re.M)
+    assert len(rows) == 5, rows
+    for name, mode, host, one, one_half, gpu in rows:
+        plan = plan_for(presets[name], mode, 1536 * GiB, 141 * GiB, 16384)
+        assert (host, gpu) == (f"{plan.host_total / GiB:.1f}", f"{plan.device_total / GiB:.1f}"), (name, mode)
+        assert (one, one_half) == tuple("yes" if plan.host_total <= h * GiB else "no" for h in (1024, 1536)), (name, mode)
+    small = plan_for("llama-120b", "lean", 1536 * GiB, 80 * GiB, 8192)
+    assert small.fits() and f"({small.device_total / GiB:.1f} GiB of GPU memory" in re.sub(r"\s+", " ", text)
+
+
 # ----------------------------------------------------------------------------- example configs
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_every_example_config_is_accepted_by_its_script(

@@ -14,7 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -323,45 +325,129 @@ def test_finetune_data_byte_fallback_and_tokenizer(finetune_example: ModuleType,
     assert next(iter(dm.train_dataloader())).shape == (2, 16)
 
 
+class FirstSteps(pl.Callback):
+    """The batches and losses of a fit, and the parameters it starts from."""
+
+    def __init__(self) -> None:
+        self.batches: list[torch.Tensor] = []
+        self.losses: list[float] = []
+        self.start: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.start = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
+        torch.manual_seed(7)  # the same shuffle on both sides, whatever building the model drew
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.batches.append(batch.detach().clone())
+        self.losses.append(float(outputs["loss"]))
+
+
+FINETUNE_ARGS = [
+    "--model.lr=0.01",
+    "--model.warmup_steps=1",
+    "--trainer.accelerator=cpu",
+    "--trainer.limit_val_batches=1",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.logger=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.seq_len=16",
+    "--data.batch_size=2",
+]
+
+
+def _finetune(example: ModuleType, base: Path, root: Path, *extra: str, steps: int = 2) -> Any:
+    """The example's CLI, in-process and not run yet, with a recording callback attached."""
+    cli = example.main([f"--model.pretrained_path={base}", *FINETUNE_ARGS, f"--trainer.default_root_dir={root}",
+                        f"--trainer.max_steps={steps}", *extra], run=False)
+    cli.recorder = FirstSteps()
+    cli.trainer.callbacks.append(cli.recorder)
+    return cli
+
+
+def test_finetune_megatrain_builds_on_meta_and_starts_as_from_pretrained(
+    finetune_example: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """megatrain: the model is built on the meta device and filled by the strategy (``weights=`` set to
+    the model's directory by the CLI), never by ``from_pretrained``; it starts from the same weights and
+    has the same first loss as another strategy that loads the model with ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_megatrain import MegaTrainStrategy
+
+    monkeypatch.setattr(sys, "argv", [str(FINETUNE)])
+    base_model = _tiny_hf_dir(tmp_path / "base", tie=False)
+    base = tmp_path / "base"
+
+    plain = _finetune(finetune_example, base, tmp_path / "plain", "--trainer.strategy=auto", steps=1)
+    assert not isinstance(plain.trainer.strategy, MegaTrainStrategy)
+    plain.trainer.fit(plain.model, plain.datamodule)
+
+    mega = _finetune(finetune_example, base, tmp_path / "mega", steps=1)
+    assert isinstance(mega.trainer.strategy, MegaTrainStrategy) and mega.trainer.strategy.weights == str(base)
+    built: dict[str, bool] = {}
+    configure = mega.model.configure_model
+
+    def spy() -> None:
+        configure()
+        built["meta"] = all(p.is_meta for p in mega.model.parameters())
+
+    mega.model.configure_model = spy
+    with monkeypatch.context() as m:
+        m.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("megatrain called from_pretrained"))
+        mega.trainer.fit(mega.model, mega.datamodule)
+    assert built == {"meta": True}
+    assert mega.model._megatrain_weights_source == str(base.resolve())  # filled by the strategy from the files
+
+    want = {k: v.detach() for k, v in base_model.named_parameters()}
+    for side in (plain, mega):
+        assert side.recorder.start.keys() == want.keys()
+        for k, v in want.items():
+            assert torch.equal(side.recorder.start[k], v), k
+    assert torch.equal(mega.recorder.batches[0], plain.recorder.batches[0])
+    assert mega.recorder.losses[0] == pytest.approx(plain.recorder.losses[0], rel=1e-6, abs=0)
+
+
+def test_finetune_strategy_options_from_the_command_line(finetune_example: ModuleType, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The class_path form takes megatrain's options (the docs' 70B line); weights given there are kept."""
+    from lightning_megatrain import MegaTrainStrategy
+
+    monkeypatch.setattr(sys, "argv", [str(FINETUNE)])
+    _tiny_hf_dir(tmp_path / "base")
+    base = tmp_path / "base"
+    options = ["--trainer.strategy=lightning_megatrain.MegaTrainStrategy", "--trainer.strategy.host_memory=lean"]
+    cli = _finetune(finetune_example, base, tmp_path, *options)
+    assert isinstance(cli.trainer.strategy, MegaTrainStrategy)
+    assert cli.trainer.strategy.host_memory == "lean" and cli.trainer.strategy.weights == str(base)
+    other = str(tmp_path / "elsewhere")
+    cli = _finetune(finetune_example, base, tmp_path, *options, f"--trainer.strategy.weights={other}")
+    assert str(cli.trainer.strategy.weights) == other
+
+
 def test_finetune_loads_fp32_and_resume_keeps_trained_weights(
     finetune_example: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """In-process: a bf16 checkpoint becomes fp32 host weights; a resumed fit ends with the checkpoint's
-    weights, not the pretrained ones that configure_model loads first."""
+    """In-process: a bf16 checkpoint becomes fp32 host weights, exactly; a resumed fit ends with the
+    checkpoint's weights, not the pretrained ones that the strategy fills in first."""
     monkeypatch.setattr(sys, "argv", [str(FINETUNE)])
     base = _tiny_hf_dir(tmp_path / "base", tie=False).to(torch.bfloat16)
     base.save_pretrained(tmp_path / "base", safe_serialization=True)
-    args = [
-        f"--model.pretrained_path={tmp_path / 'base'}",
-        "--model.lr=0.01",
-        "--model.warmup_steps=1",
-        "--trainer.accelerator=cpu",
-        "--trainer.limit_val_batches=1",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={tmp_path}",
-        "--data.seq_len=16",
-        "--data.batch_size=2",
-    ]
-    first = finetune_example.main([*args, "--trainer.max_steps=2"], run=False)
-    assert all(p.dtype == torch.float32 for p in first.model.parameters())
+    first = _finetune(finetune_example, tmp_path / "base", tmp_path)
     first.trainer.fit(first.model, first.datamodule)
+    start = first.recorder.start
+    assert start.keys() == dict(base.named_parameters()).keys()
+    for k, v in base.named_parameters():
+        assert start[k].dtype == torch.float32 and torch.equal(start[k], v.detach().float()), k  # bf16 -> fp32 exactly
     ckpt = tmp_path / "two_steps.ckpt"
     first.trainer.save_checkpoint(ckpt)
     trained = {k: v.clone() for k, v in first.model.model.state_dict().items()}
     for k, v in base.state_dict().items():
         assert not torch.equal(trained[k].to(torch.bfloat16), v) or trained[k].ndim < 2, k
 
-    resumed = finetune_example.main([*args, "--trainer.max_steps=2"], run=False)
+    resumed = _finetune(finetune_example, tmp_path / "base", tmp_path)
     resumed.trainer.fit(resumed.model, resumed.datamodule, ckpt_path=str(ckpt))  # max_steps reached: no step
     assert resumed.trainer.global_step == 2
     after = resumed.model.model.state_dict()
     assert all(torch.equal(after[k], trained[k]) for k in trained)
-
-    fresh = finetune_example.main([*args, "--trainer.max_steps=0"], run=False)
-    fresh.model.configure_model()
-    loaded = fresh.model.model.state_dict()
-    assert all(torch.equal(loaded[k], v.float()) for k, v in base.state_dict().items())  # bf16 -> fp32 exactly

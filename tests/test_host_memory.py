@@ -199,6 +199,29 @@ def test_plan_of_an_hf_directory_counts_the_real_parameters(tmp_path: Path, caps
     assert abs(approx.params / 70e9 - 1) < 0.02 and approx.hidden == 8192
 
 
+def test_the_llama_70b_preset_is_llama_3_70b(tmp_path: Path) -> None:
+    """docs/big-models.md plans Llama-3-70B with ``--model llama-70b``: the preset has its shape and its
+    70.6B parameters, and plans as its config.json does (the model built on the meta device by transformers)."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from lightning_megatrain.plan import PRESETS, plan_for
+
+    shape = PRESETS["llama-70b"]
+    assert (shape.hidden, shape.layers, shape.intermediate, shape.heads, shape.kv_heads, shape.vocab, shape.tied) == (
+        8192, 80, 28672, 64, 8, 128256, False)
+    assert shape.params == 70_553_706_496  # Meta-Llama-3-70B's count, "70.6B"
+    config = transformers.LlamaConfig(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64,
+                                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+    with torch.device("meta"):
+        real = transformers.LlamaForCausalLM(config)
+    assert sum(p.numel() for p in real.parameters()) == shape.params
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    for mode in ("compact", "lean"):
+        preset, directory = plan_for("llama-70b", mode, 2**40, 80 * 2**30, 16384), plan_for(str(tmp_path), mode, 2**40, 80 * 2**30, 16384)
+        assert directory.params == preset.params and directory.host_total == preset.host_total, mode
+
+
 def test_plan_command_line_refuses_bad_input() -> None:
     from lightning_megatrain.plan import main
 
