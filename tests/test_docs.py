@@ -117,7 +117,7 @@ def test_big_models_summary_is_the_plans() -> None:
         plan = plan_for(presets[name], mode, 1536 * GiB, 141 * GiB, 16384)
         assert (host, gpu) == (f"{plan.host_total / GiB:.1f}", f"{plan.device_total / GiB:.1f}"), (name, mode)
         assert (one, one_half) == tuple("yes" if plan.host_total <= h * GiB else "no" for h in (1024, 1536)), (name, mode)
-    small = plan_for("llama-120b", "lean", 1536 * GiB, 80 * GiB, 8192)
+    small = plan_for("llama-120b", "lean", 1536 * GiB, 80 * GiB, 4096)
     assert small.fits() and f"({small.device_total / GiB:.1f} GiB of GPU memory" in re.sub(r"\s+", " ", text)
 
 
