@@ -299,3 +299,33 @@ class ManualQuiet(Quiet):
         self.manual_backward(loss)
         opt.step()
         return loss
+
+
+def test_prefetch_never_holds_a_layer_back_for_the_next_layers_host_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forward's prefetch of layer 1 must not wait for layer 1's host update before layer 0 runs: a
+    gate holds that update until layer 0's forward has run (and gives up after 5 s, which fails). BlockLM
+    reads gradients before the step, so the updates run after backward in forward order (layer 0's
+    before layer 1's) while the next forward goes on."""
+    import threading
+
+    from lightning_megatrain.engine import whole
+
+    real = whole.Whole.update
+    forwards = [threading.Event() for _ in range(8)]  # set as layer 0's forward of step i runs
+    gated: list[bool] = []  # per gated update: True if layer 0 ran before the gate gave up
+
+    def gate(self: Any, unit: Any, *args: Any, **kwargs: Any) -> None:
+        if unit.index == 2 and len(gated) < 2:  # layer 1's updates after steps 0 and 1: a forward follows each
+            gated.append(forwards[len(gated) + 1].wait(5.0))  # that next step's layer 0
+        real(self, unit, *args, **kwargs)
+
+    class Gate(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+            if getattr(trainer.strategy, "runtime", None) is not None:
+                count = iter(forwards)
+                pl_module.blocks[0].register_forward_hook(lambda *a: next(count).set())
+
+    monkeypatch.setattr(whole.Whole, "update", gate)
+    plain, mega = fit_pair(BlockLM, max_steps=3, callbacks=[Gate()])
+    assert_same_training(plain, mega)
+    assert gated and all(gated), f"layer 1's update waited for layer 0's forward, which waited for it: {gated}"

@@ -147,6 +147,9 @@ class HostStep:
 
         return task
 
+    def ticket_done(self, ticket: int) -> bool:
+        return self.worker.done(ticket)
+
     def wait_ticket(self, ticket: int) -> None:
         start = time.perf_counter()
         self.worker.wait(ticket)

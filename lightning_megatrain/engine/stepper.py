@@ -99,6 +99,11 @@ class Worker:
                     self.watch()
             self._raise()
 
+    def done(self, ticket: int) -> bool:
+        """Whether task ``ticket`` has finished (or a task failed, which ``wait`` then raises); never blocks."""
+        with self._cond:
+            return self._done >= ticket or self._error is not None
+
     def check(self) -> None:
         """Raise :class:`WorkerError` if a host task has failed (does not wait)."""
         with self._cond:

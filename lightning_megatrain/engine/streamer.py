@@ -28,11 +28,12 @@ class LayerStreamer:
     def __init__(
         self, layer_units: list[Unit], place: Any, streams: Streams, link: GradLink, saved: SavedInputs,
         wait_ticket: Callable[[int], None], prefetch: int, after_last: Callable[[], None],
+        ticket_done: Callable[[int], bool] = lambda ticket: True,
     ) -> None:
         self.layer_units = layer_units
         self.place, self.streams, self.link, self.saved = place, streams, link, saved
         self.device = streams.device
-        self.wait_ticket = wait_ticket
+        self.wait_ticket, self.ticket_done = wait_ticket, ticket_done
         self.prefetch = prefetch
         self.after_last = after_last  # the head and final norm come next
         # a slot is a byte buffer laid out as the units' images (tensors of several dtypes)
@@ -79,24 +80,37 @@ class LayerStreamer:
     def _acquire(self, unit: Unit, direction: int) -> Slot:
         """Make ``unit`` resident and start copying the next ones in ``direction``."""
         slot = self._load(unit, keep=())
+        assert slot is not None
+        self._prefetch(unit, direction, slot)
+        return slot
+
+    def _prefetch(self, unit: Unit, direction: int, slot: Slot) -> None:
+        """Start copying the ``prefetch`` layers after ``unit`` whose host update is done, in order. One
+        still being updated stops the prefetch: waiting for it here would hold back ``unit``'s own
+        kernels; it is tried again once they are launched, and waited for only when it is needed."""
         kept = [slot]
         idx = unit.index - 1
         for k in range(1, self.prefetch + 1):
             j = idx + direction * k
             if not 0 <= j < len(self.layer_units) or len(kept) >= len(self.slots.slots):
                 break
-            kept.append(self._load(self.layer_units[j], keep=tuple(kept)))
-        return slot
+            nxt = self._load(self.layer_units[j], keep=tuple(kept), wait=False)
+            if nxt is None:
+                break
+            kept.append(nxt)
 
-    def _load(self, unit: Unit, keep: tuple) -> Slot:
+    def _load(self, unit: Unit, keep: tuple, wait: bool = True) -> Slot | None:
         """Residency outlives a step: a layer still in a slot is used again as long as its weights are
         the ones copied (same version; an optimizer step about to change them drops it at launch, as
-        fused kernels update in place without bumping versions)."""
+        fused kernels update in place without bumping versions). ``wait=False``: None where the unit's
+        host update is not done yet."""
         slot = self.slots.find(unit)
         if slot is not None and slot.version != unit._version():
             slot.unit = None  # changed in place since the copy (a checkpoint load, user code)
             slot = None
         if slot is None:
+            if not wait and not self.ticket_done(unit.ticket):
+                return None
             self.wait_ticket(unit.ticket)
             unit.refresh_compute()
         slot = self.slots.load(unit, unit.compute, keep=keep, fill=self.place.slot_fill(unit))
@@ -128,10 +142,12 @@ class LayerStreamer:
         self.slots.begin_use(slot)
         try:
             unit.bind(self._views(unit, slot, grad=False))
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
         finally:
             unit.unbind()
             self.slots.end_use(slot)
+        self._prefetch(unit, +1, slot)  # what was still being updated when this layer started
+        return out
 
     def run_forward(self, call: LayerCall, tensors: Sequence[torch.Tensor]) -> Any:
         unit = call.unit
@@ -143,10 +159,11 @@ class LayerStreamer:
             out = call.call(tensors)
             if unit.buffer_versions() != versions:
                 unit.mutates_buffers = True  # e.g. BatchNorm running stats
-            return out
         finally:
             unit.unbind()
             self.slots.end_use(slot)
+        self._prefetch(unit, +1, slot)  # what was still being updated when this layer started
+        return out
 
     def save_inputs(self, call: LayerCall, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         return self.saved.save(call, tensors)
