@@ -285,6 +285,37 @@ class TwoBindings(BlockLM):
         opt.zero_grad()
 
 
+class ThreeSteps(BlockLM):
+    """Three forward/backward/step rounds in one training_step: one device copy of the non-layer
+    parameters at a time, not one per step kept until the training_step ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.copies: list[int] = []  # distinct device copies of the input side alive after each round
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        for _ in range(3):
+            loss = self.loss(batch)
+            self.losses.append(loss.item())
+            self.manual_backward(loss)
+            opt.step()
+            opt.zero_grad()
+            runtime = getattr(self.trainer.strategy, "runtime", None)
+            if runtime is not None:
+                outer = runtime.outer.copies[runtime.outer.outer_in.index]
+                alive = {outer.dev.data_ptr()} | {leaf.data_ptr() for leaves in outer.bindings for leaf in leaves[:1]}
+                self.copies.append(len(alive))
+
+
+def test_manual_optimization_several_steps_in_one_training_step_hold_one_device_copy() -> None:
+    plain, mega = fit_pair(ThreeSteps, max_steps=6)
+    assert len(mega.losses) == 6
+    assert_same_training(plain, mega)
+    assert mega.copies and set(mega.copies) == {1}, mega.copies
+
+
 def test_manual_optimization_loss_over_two_forwards() -> None:
     plain, mega = fit_pair(TwoBindings, max_steps=6)
     assert len(mega.losses) == 3  # max_steps counts both opt.step() calls

@@ -40,6 +40,7 @@ class OuterCopy:
     leaves: list[nn.Parameter] | None = None  # bound leaves, valid while ``issued`` matches the unit
     bindings: list[list[nn.Parameter]] = field(default_factory=list)  # leaves bound this step
     fired: set[int] = field(default_factory=set)  # leaves whose gradient is final in this backward
+    flushed: bool = False  # every binding's gradients went home since the last bind: no graph reads ``dev``
 
 
 def check_trainable(unit: Unit, grads: bool) -> None:
@@ -154,6 +155,7 @@ class OuterParams:
         unit = outer.unit
         self.wait_ticket(unit.ticket)
         check_trainable(unit, self.grads)
+        outer.flushed = False
         if not unit.entries:
             return
         changed = outer.issued != unit._version()  # not prefetched (CPU, first step) or changed since
@@ -216,15 +218,20 @@ class OuterParams:
         if out is not None:
             dev, host = out
             self.link.send(unit, dev, host, produced, release=None)
+        outer.flushed = True
 
     def masters_changing(self) -> None:
         """An optimizer step was launched: the worker copies the masters again after their update."""
         for outer in self.copies.values():
             outer.issued = None
             if self.depth and outer.bindings and outer.dev is not None:
-                # a step inside training_step (manual optimization): this step's graph may still read
-                # the current device copies, so the next ones go to fresh buffers
-                outer.dev = torch.empty_like(outer.dev)
+                # a step inside training_step (manual optimization): a graph of this step not yet
+                # backwarded may still read the current device copy, so the next one goes to a fresh
+                # buffer; once every binding's gradients went home, the copy is reused (k steps in one
+                # training_step hold one copy, not k + 1), after the kernels reading it (``issue``)
+                if not outer.flushed:
+                    outer.dev = torch.empty_like(outer.dev)
+                outer.bindings = [] if outer.flushed else outer.bindings
                 outer.leaves = None
 
     def updated(self, unit: Unit) -> None:
