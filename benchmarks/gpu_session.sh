@@ -7,7 +7,8 @@
 #
 #   part      what, in order                                                  wall-clock cap  expected
 #   tests     pytest -m gpu (incl. data parallel over NCCL); limits.py (bandwidth, TFLOPS, AdamW, bound)      240 s + 200 s   ~4 min
-#   profile   profile_step.py: torch.profiler trace of 3 steps at 1B + summary 300 s          ~2-3 min
+#   profile   profile_step.py: torch.profiler trace of 3 steps at 1B + summary
+#             (host step during backward), then the same clipping by norm    300 s + 200 s  ~4-6 min
 #   speed     throughput.py: 1B megatrain, plain+ckpt; 3B megatrain, ZeRO-3
 #             offload, FSDP offload (DeepSpeed needs .whl, fetch_deepspeed.sh) 500 s budget   ~8 min
 #   long      long_context.py, 1B-class: offload on, then off; starts at 128k
@@ -37,6 +38,8 @@ case "${1:-tests}" in
   profile)
     timeout 300 python3 benchmarks/profile_step.py --hidden 2048 --layers 22 --intermediate 5632 --heads 32 --kv-heads 4 \
       --seq 4096 --batch 4 --warmup 2 --steps 3 --out-dir "$OUT" 2>&1 | tee "$OUT/profile.txt"
+    timeout 200 python3 benchmarks/profile_step.py --hidden 2048 --layers 22 --intermediate 5632 --heads 32 --kv-heads 4 \
+      --seq 4096 --batch 4 --warmup 2 --steps 3 --clip 1.0 --out-dir "$OUT/clip" 2>&1 | tee "$OUT/profile_clip.txt"
     ;;
   speed)
     timeout 300 python3 benchmarks/throughput.py --sizes 1b --strategies megatrain plain_ckpt --seq 4096 --batch 4 \

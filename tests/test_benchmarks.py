@@ -111,16 +111,20 @@ def test_profile_summary_of_a_synthetic_trace() -> None:
     assert s["d2h_overlapped_with_compute_fraction"] == 0.0 and s["h2d_d2h_concurrent_s"] == 0.0
 
 
-def test_profile_smoke(tmp_path: Path) -> None:
+@pytest.mark.parametrize("clip", [[], ["--clip", "1.0"]], ids=["early", "clip"])
+def test_profile_smoke(tmp_path: Path, clip: list[str]) -> None:
     pytest.importorskip("transformers")
     result = _load("profile_step").main(["--hidden", "32", "--layers", "2", "--intermediate", "64", "--heads", "4", "--kv-heads", "2",
                                     "--vocab", "256", "--seq", "16", "--batch", "2", "--warmup", "1", "--steps", "2",
-                                    "--precision", "fp32", "--device", "cpu", "--out-dir", str(tmp_path)])
+                                    "--precision", "fp32", "--device", "cpu", "--out-dir", str(tmp_path), *clip])
     assert (tmp_path / "profile_trace.json.gz").stat().st_size > 0 and not (tmp_path / "profile_trace.json").exists()
     s = json.loads((tmp_path / "profile.json").read_text())["summary"]
     assert s == result["summary"] and s["wall_s"] > 0 and s["step_s"] > 0
     assert s["gpu_busy_fraction"] == 0.0  # no kernels on the CPU
     assert {"compute_waited_on_copies_s_per_step", "forward_waited_on_host_optimizer_s_per_step"} <= set(s)
+    assert 0 <= s["forward_waited_on_host_optimizer_fraction"] <= 1
+    # without clipping each of the 2 layers steps during backward (the non-layer units after it); with it, none
+    assert s["host_updates_during_backward_per_step"] == (0 if clip else 2), s
 
 
 def test_host_pipeline_smoke(tmp_path: Path) -> None:
