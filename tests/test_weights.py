@@ -325,6 +325,49 @@ def test_a_parameter_its_initialiser_leaves_unset_is_named() -> None:
         trainer(MegaTrainStrategy(), max_steps=1).fit(model, data())
 
 
+def _count_inits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every initialiser that runs on real (not meta) parameters: HF's ``_init_weights``, the
+    modules' ``reset_parameters`` and torch's random inits."""
+    calls: list[str] = []
+
+    def counted(name: str, fn: Any, real: Any) -> Any:
+        def wrapper(*args: Any, **kw: Any) -> Any:
+            if real(*args, *kw.values()):
+                calls.append(name)
+            return fn(*args, **kw)
+        return wrapper
+
+    def module_real(*args: Any) -> bool:
+        m = args[-1]  # _init_weights(self, module), reset_parameters(self)
+        return any(not p.is_meta for p in m.parameters(recurse=False))
+
+    hf = transformers.LlamaForCausalLM
+    monkeypatch.setattr(hf, "_init_weights", counted("_init_weights", hf._init_weights, module_real))
+    for cls in (nn.Linear, nn.Embedding, transformers.models.llama.modeling_llama.LlamaRMSNorm):
+        if hasattr(cls, "reset_parameters"):
+            monkeypatch.setattr(cls, "reset_parameters", counted(f"{cls.__name__}.reset_parameters", cls.reset_parameters, module_real))
+    for fn in ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_"):
+        monkeypatch.setattr(nn.init, fn, counted(f"init.{fn}", getattr(nn.init, fn), lambda *a: not next(t for t in a if torch.is_tensor(t)).is_meta))
+    return calls
+
+
+def test_no_initialiser_runs_when_weights_fill_every_parameter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setup from files spends no time on random init: the arenas are written once, from the files."""
+    hf = save_llama(tmp_path / "hf")
+    model = HFModule()
+    model.configure_model()  # built on the meta device (HF's post_init runs there, on no memory)
+    calls = _count_inits(monkeypatch)
+    start = start_of(model, strategy(hf))
+    assert calls == []
+    for name, value in file_tensors(hf).items():
+        assert torch.equal(start.params[f"model.{name}"], value), name
+    # the counter sees initialisers that do run: the same model without weights is initialised
+    fresh = HFModule()
+    fresh.configure_model()
+    start_of(fresh, MegaTrainStrategy(fused_optimizer=False))
+    assert "_init_weights" in calls
+
+
 def test_a_meta_hf_model_without_weights_runs_init_weights() -> None:
     start = start_of(HFModule(), MegaTrainStrategy(fused_optimizer=False))
     torch.manual_seed(0)

@@ -157,7 +157,9 @@ class Unit:
         layout = [(mnumel, torch.float32), (self.gnumel, torch.float32), (max(nbytes, image_bytes or 0), torch.uint8)]
         if staging:
             layout.append((self.gnumel, compute_dtype))
-        self.arena = HostArena(layout, pin=pin, shared=shared)
+        # page-locked: what crosses PCIe, the image (fp32 masters when they are streamed, "compact") and
+        # the staging gradients land in; not the fp32 gradients nor masters only the host reads
+        self.arena = HostArena(layout, pin=([2, 3] if staging else [2]) if pin else False, shared=shared)
         # data parallel: the element range of each entry this rank owns (id(entry) -> (a, b)); the
         # rank re-casts only those (other ranks write the rest of the shared image)
         self.own: dict[int, tuple[int, int]] | None = None
