@@ -544,3 +544,37 @@ def test_a_custom_module_inside_a_meta_hf_model_uses_its_reset_parameters() -> N
 
     start = start_of(WithScale(), MegaTrainStrategy(fused_optimizer=False))
     assert torch.equal(start.params["model.model.scale.gain"], torch.ones(32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fast_streamed_copies_written_from_the_files_equal_casting_the_masters(tmp_path: Path, dtype: torch.dtype) -> None:
+    """Setup writes a "fast" unit's bf16 copy from the same read that fills its fp32 masters (no second pass
+    over the masters); it is what casting the masters gives. fp64 files (rounded into fp32 masters) are
+    cast from the masters instead: rounding twice could differ."""
+    from lightning_megatrain.engine import Runtime, RuntimeConfig
+    from lightning_megatrain.weights import _Filler, weights_materializer
+
+    hf = save_llama(tmp_path / "hf", dtype=dtype)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(llama_config())
+    materialize, files = weights_materializer(model, hf)
+    wrote: list[bool] = []
+    into = _Filler.into
+
+    def counted(self: Any, out: torch.Tensor, cast: torch.Tensor) -> bool:
+        wrote.append(into(self, out, cast))
+        return wrote[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_Filler, "into", counted)
+        runtime = Runtime(model, torch.device("cpu"), torch.bfloat16, RuntimeConfig(host_memory="fast", materialize=materialize))
+    files.close()
+    try:
+        casts = [(u, e) for u in runtime.units for e in u._cast]
+        assert casts and len(wrote) == len(casts) and all(wrote) == (dtype != torch.float64)
+        for unit, e in casts:
+            assert torch.equal(unit.param_view(unit.compute, e), unit.store_view(e).to(torch.bfloat16)), e.name
+        for name, value in file_tensors(hf).items():
+            assert torch.equal(model.get_parameter(name), value.float()), name
+    finally:
+        runtime.detach()
