@@ -24,9 +24,9 @@ HOST_MEMORY_MODES = ("auto", "fast", "compact", "lean")
 PCIE_H2D_BYTES_PER_S = 50e9  # pinned host-to-device copies, PCIe Gen5 x16
 DENSE_FLOPS_PER_S = 800e12  # H100 bf16 dense matmul, measured
 # Setup estimate: bytes written into new host arenas per second, reading warm safetensors files (first
-# touch of the memory included, page-locking not); measured by benchmarks/setup.py (RESULTS.md) on
-# the 2-core CI VM, the only machine it has run on: a server with more cores and memory channels is faster.
-SETUP_BYTES_PER_S = 1.0e9
+# touch of the memory included, page-locking not): benchmarks/setup.py on the 2-core CI VM, 1.1B Llama,
+# "fast" (the slower mode there; RESULTS.md), the only machine it has run on. A GPU server is not measured.
+SETUP_BYTES_PER_S = 1.4e9
 
 
 def hidden_tokens(stream_bytes_per_param: float, flops: float = DENSE_FLOPS_PER_S, h2d: float = PCIE_H2D_BYTES_PER_S) -> int:

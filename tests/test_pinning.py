@@ -189,3 +189,23 @@ def test_without_cudaGetLastError_in_torch_the_process_libcudart_is_asked(monkey
     assert calls == ["lib"]
     monkeypatch.setattr(host_mod, "_loaded_cudart", lambda: None)
     host_mod.clear_cuda_error(object())  # no libcudart loaded (a CPU build): nothing to clear
+
+
+@pytest.mark.parametrize("mode", ["fast", "compact"])
+def test_the_plan_says_what_is_page_locked_and_what_setup_writes(fake: FakeCudart, mode: str) -> None:
+    from lightning_megatrain.engine.layers import find_layers
+    from lightning_megatrain.memory import plan_memory
+
+    torch.manual_seed(0)
+    model = BlockLM(d=64, n=3)
+    plan = plan_memory(model, find_layers(model), torch.bfloat16, CPU, host_memory=mode, grad_channels=2)
+    rt = Runtime(model, CPU, torch.bfloat16, RuntimeConfig(host_memory=mode, grad_channels=2))
+    try:
+        registered = sum(fake.registered.values())  # each buffer rounded up to whole pages
+        assert plan.pinned_bytes <= registered < plan.pinned_bytes + len(fake.calls) * PAGE
+        written = sum(u.master.numel() * 4 + u.nbytes for u in rt.units)  # masters and images: what setup fills
+        padding = 64 * sum(len(u.entries) for u in rt.units)  # each tensor of an image starts on 64 bytes
+        assert plan.setup_bytes <= written < plan.setup_bytes + padding
+        assert "page-locked with a GPU" in str(plan) and "setup: writes" in str(plan)
+    finally:
+        rt.detach()
