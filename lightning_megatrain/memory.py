@@ -23,6 +23,10 @@ HOST_MEMORY_MODES = ("auto", "fast", "compact", "lean")
 # Step-time model estimates (shared/DESIGN.md); benchmarks/limits.py measures both on a GPU machine.
 PCIE_H2D_BYTES_PER_S = 50e9  # pinned host-to-device copies, PCIe Gen5 x16
 DENSE_FLOPS_PER_S = 800e12  # H100 bf16 dense matmul, measured
+# Setup estimate: bytes written into new host arenas per second, reading warm safetensors files (first
+# touch of the memory included, page-locking not): benchmarks/setup.py on the 2-core CI VM, 1.1B Llama,
+# "fast" (the slower mode there; RESULTS.md), the only machine it has run on. A GPU server is not measured.
+SETUP_BYTES_PER_S = 1.4e9
 
 
 def hidden_tokens(stream_bytes_per_param: float, flops: float = DENSE_FLOPS_PER_S, h2d: float = PCIE_H2D_BYTES_PER_S) -> int:
@@ -127,6 +131,15 @@ class MemoryPlan:
     shm_free: int | None = None  # free bytes in ``shm_dir`` (None: not checked, e.g. planning another machine)
     gather_bytes: int = 0  # per rank and micro-batch over the GPU interconnect: all-gather and reduce-scatter
     internode_bytes: int = 0  # per rank and micro-batch between nodes: all-reduce of its gradient shards
+    # setup: bytes written into the arenas (fp32 masters or frozen weights, the compute copies), per node;
+    # bytes page-locked when a GPU is used (what crosses PCIe: the streamed image, gradient staging), per rank
+    setup_bytes: int = 0
+    pinned_bytes: int = 0
+
+    def setup_seconds(self, bytes_per_s: float = SETUP_BYTES_PER_S) -> float:
+        """An estimate of setup's time: the bytes it writes into the arenas at ``bytes_per_s`` (page-locking,
+        building the model and Lightning's own setup not included)."""
+        return self.setup_bytes / bytes_per_s
 
     def transfer_bytes(self) -> int:
         """Bytes over the host link per micro-batch: every layer's weights twice (forward, then the
@@ -230,7 +243,10 @@ class MemoryPlan:
             rows.append(f"  host optimizer step: {self.host_step}")
         dp = self.data_parallel
         if dp:
-            rows.append(f"  host per node (pinned when a GPU is used; {self.host_bytes_per_param:.1f} B/param):")
+            rows.append(
+                f"  host per node ({self.host_bytes_per_param:.1f} B/param; with a GPU each rank page-locks {_fmt(self.pinned_bytes)}, "
+                "its share of what crosses PCIe):"
+            )
             rows.append(f"    shared by the node's {_count(n, 'rank')}, one copy in {self.shm_dir or 'shared memory'}:")
             rows += [f"      {k:<30}{_fmt(v):>12}" for k, v in self.host_shared.items()]
             free = "not checked" if self.shm_free is None else _fmt(self.shm_free)
@@ -242,7 +258,10 @@ class MemoryPlan:
                 f"(x {n} = {_fmt(n * self.host_private_per_rank)} per node)"
             )
         else:
-            rows.append(f"  host (pinned when a GPU is used; {self.host_bytes_per_param:.1f} B/param):")
+            rows.append(
+                f"  host ({self.host_bytes_per_param:.1f} B/param; {_fmt(self.pinned_bytes)} of it page-locked with a GPU: "
+                "the streamed image and staging):"
+            )
             rows += [f"    {k:<32}{_fmt(v):>12}" for k, v in self.host.items()]
         rows.append(
             f"    {'total per node' if dp else 'total':<32}{_fmt(self.host_total):>12}  (available now: {_fmt(self.host_available)} "
@@ -273,6 +292,10 @@ class MemoryPlan:
                 f"hidden behind compute from ~{self.tokens_to_hide_transfers():,} tokens per micro-batch "
                 "(at 50 GB/s and 800 TFLOPS)"
             )
+        rows.append(
+            f"  setup: writes {_fmt(self.setup_bytes)} into the host arenas, ~{self.setup_seconds():.0f} s (estimate at "
+            f"{SETUP_BYTES_PER_S / 1e9:.1f} GB/s, benchmarks/setup.py; page-locking not included)"
+        )
         rows.append(f"  fits: {'yes' if self.fits() else 'NO'}")
         return "\n".join(rows)
 
@@ -402,6 +425,8 @@ def plan_memory(
             working += 16 * batch_tokens * hidden * csize
     if working:
         dev["one layer's working set (est.)"] = working
+    setup_bytes = store["trainable"] + store["frozen"] + store["cast"]
+    pinned_bytes = sum(layer_images) + outer_image + host["gradient staging"]
     shared: dict[str, int] = {}
     private: dict[str, int] = {}
     gather_bytes = internode_bytes = 0
@@ -426,6 +451,8 @@ def plan_memory(
         private = {name: v for k, (name, v) in per_rank_state.items() if k in host}
         private[f"gradient staging (1/{n})"] = chunk(4 * outer_trainable) + n_channels * chunk(largest_grads)
         host = {**shared, **{f"{k} x {n} ranks": n * v for k, v in private.items()}}
+        # a rank page-locks the 1/N of each image it copies to its GPU, and its own staging
+        pinned_bytes = sum(chunk(b) for b in [*layer_images, outer_image]) + private[f"gradient staging (1/{n})"]
         dev = {
             "weight slots (whole layers)": n_slots * n * chunk(largest_image),
             f"weight shards (1/{n} per slot)": n_slots * chunk(largest_image),
@@ -474,6 +501,8 @@ def plan_memory(
         shm_free=shm_free if dp else None,
         gather_bytes=gather_bytes,
         internode_bytes=internode_bytes,
+        setup_bytes=setup_bytes,
+        pinned_bytes=pinned_bytes,
     )
 
 

@@ -62,7 +62,7 @@ class MegaTrainStrategy(ParallelStrategy):
         layer_cls: the classes (or class names, or ``"module.Class"`` paths) of the layers to stream.
             Default: the largest list of same-class child modules, e.g. a transformer's decoder layers.
         prefetch: how many layers are copied ahead of the one being computed (device slots = prefetch + 1).
-        pin_memory: page-lock the host buffers when a GPU is used (needed for asynchronous copies).
+        pin_memory: page-lock what crosses PCIe (streamed images, gradient staging) when a GPU is used.
         fused_optimizer: switch Adam/AdamW/SGD to torch's fused CPU kernel when the user did not choose
             an implementation (same update, ~10x faster on the host).
         check_memory: refuse to start, before allocating, when the memory plan does not fit this machine.

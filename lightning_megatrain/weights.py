@@ -26,6 +26,7 @@ from .engine.materialize import Fill, Materializer
 PathLike = Union[str, Path]
 INDEX = "model.safetensors.index.json"  # save_pretrained's shard index (a megatrain checkpoint's too)
 SHOWN = 5  # names shown per kind of mismatch in an error
+EXACT_IN_FP32 = (torch.float32, torch.bfloat16, torch.float16)  # file dtypes whose values an fp32 master holds exactly
 
 
 class WeightsError(ValueError):
@@ -81,20 +82,42 @@ class WeightsFiles:
                 self.where.setdefault(n, i)
                 self.shapes.setdefault(n, shapes[n])
 
-    def read_into(self, name: str, out: torch.Tensor) -> None:
-        """Copy one tensor into ``out``, converting its dtype (bf16 -> fp32 is exact)."""
+    def read_into(self, name: str, out: torch.Tensor, cast: Optional[torch.Tensor] = None) -> bool:
+        """Copy one tensor into ``out``, converting its dtype (bf16 -> fp32 is exact); with ``cast`` (the
+        parameter's streamed copy in the compute dtype) write that too from the same read, where rounding
+        the file's value equals rounding the fp32 master (its dtype widens to fp32 exactly). True: ``cast``
+        was written."""
         i = self.where[name]
         try:
             tensor = self.handles[i].get_tensor(name)
         except Exception as err:  # noqa: BLE001
             raise WeightsError(f"weights file {str(self.files[i])!r}: cannot read {name!r}: {err}") from None
-        out.copy_(tensor.reshape(out.shape))
+        tensor = tensor.reshape(out.shape)
+        out.copy_(tensor)
+        if cast is None or tensor.dtype not in EXACT_IN_FP32:
+            return False
+        cast.copy_(tensor)  # from the file's (mapped) bytes: a bf16 file into a bf16 copy is a plain copy
+        return True
 
     def filler(self, name: str) -> Fill:
-        return lambda out: self.read_into(name, out)
+        return _Filler(self, name)
 
     def close(self) -> None:
         self.handles = []
+
+
+class _Filler:
+    """Fills one parameter from the files: ``fill(out)``, or ``fill.into(out, cast)`` (the master and its
+    streamed copy from one read: setup writes each unit once instead of casting the masters after)."""
+
+    def __init__(self, files: WeightsFiles, name: str) -> None:
+        self.files, self.name = files, name
+
+    def __call__(self, out: torch.Tensor) -> None:
+        self.files.read_into(self.name, out)
+
+    def into(self, out: torch.Tensor, cast: torch.Tensor) -> bool:
+        return self.files.read_into(self.name, out, cast)
 
 
 def _canonical(name: str) -> str:

@@ -161,4 +161,24 @@ def test_throughput_lora_smoke(tmp_path: Path) -> None:
         # model FLOPs: 4 per frozen parameter (forward, input gradients), 6 per adapter parameter, per token
         flops = row["model_tflops"] * 1e12 * row["step_s"] / row["tokens_per_step"]
         assert flops == pytest.approx(4 * (row["params"] - adapters) + 6 * adapters)
-    assert "host_optimizer_s" in mega and mega["unpinned_host_units"] == 0
+    assert "host_optimizer_s" in mega and mega["pageable_host_bytes"] == 0
+
+
+def test_setup_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    out = tmp_path / "setup.json"
+    args = ["--hidden", "32", "--intermediate", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--vocab", "128",
+            "--repeat", "1", "--dir", str(tmp_path / "hf"), "--out", str(out)]
+    result = _load("setup").main(args + ["--host-memory", "compact"])
+    saved = json.loads(out.read_text())
+    assert saved["ratio_vs_fresh"] == result["ratio_vs_fresh"] > 0 and "cpu_cores" in saved["machine"]
+    assert saved["warm_page_cache"] and saved["file_bytes"] > 0 and len(saved["runs"]) == 1
+    assert saved["runs"][0]["pageable_bytes"] == 0 and saved["runs"][0]["page_locked_bytes"] == 0  # no GPU here
+    assert saved["setup_bytes"] == 4 * saved["params"]  # compact: the fp32 masters, nothing else
+    p = saved["plan_70b"]
+    assert p["setup_bytes"] > 70e9 * 4 and p["setup_s_estimate"] > 0 and p["page_locked_bytes"] > 0
+    # the directory is reused: the second run does not write the files again
+    before = {f: f.stat().st_mtime_ns for f in (tmp_path / "hf").glob("*.safetensors")}
+    again = _load("setup").main(args + ["--first-touch-gib", "0.001"])
+    assert set(again["first_touch"]["median_s"]) == {"plain", "touch_then_copy", "copy_per_thread"}
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "hf").glob("*.safetensors")} == before

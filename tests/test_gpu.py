@@ -137,3 +137,24 @@ def test_module_device_and_metric_states_on_the_gpu() -> None:
     assert model.seen == [("cuda", "cuda", "cuda", "cuda")] * 2
     assert {p.device.type for p in model.parameters()} == {"cpu"}  # after teardown too
     assert model.mean_loss.compute().item() == pytest.approx(sum(model.losses) / 2, rel=1e-5)
+
+
+def test_a_failed_page_lock_leaves_no_cuda_error_for_the_next_kernel() -> None:
+    """Registering a range twice fails (cudaErrorHostMemoryAlreadyRegistered); the error is cleared, so the
+    next kernel launch, which checks cudaGetLastError, does not report it."""
+    import warnings
+
+    from lightning_megatrain.engine.host import PINS, HostArena
+
+    torch.ones(1, device="cuda").add_(1)  # a context
+    first = HostArena([(1 << 20, torch.uint8)], pin=True)
+    assert first.pinned
+    PINS.begin()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not PINS.register(first.buffers[0].data_ptr(), 1 << 20)
+        PINS.end_setup()
+    assert len([w for w in caught if "cudaHostRegister" in str(w.message)]) == 1 and PINS.pageable == 1 << 20
+    x = torch.arange(1024, device="cuda", dtype=torch.float32)
+    assert (x * 2).sum().item() == 2 * 1023 * 1024 / 2  # a kernel launch after the failure works
+    first.release()

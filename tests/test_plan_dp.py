@@ -74,7 +74,8 @@ def test_printout_shows_per_node_and_per_rank_figures() -> None:
     print(text)
     for line in (
         "data parallel: 2 nodes x 4 ranks (GPUs) per node",
-        "host per node (pinned when a GPU is used;",
+        "host per node (",
+        "with a GPU each rank page-locks",
         "shared by the node's 4 ranks, one copy in /some/shm:",
         "private to each rank:",
         "optimizer state, 1/4 (est.)",

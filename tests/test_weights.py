@@ -325,6 +325,49 @@ def test_a_parameter_its_initialiser_leaves_unset_is_named() -> None:
         trainer(MegaTrainStrategy(), max_steps=1).fit(model, data())
 
 
+def _count_inits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every initialiser that runs on real (not meta) parameters: HF's ``_init_weights``, the
+    modules' ``reset_parameters`` and torch's random inits."""
+    calls: list[str] = []
+
+    def counted(name: str, fn: Any, real: Any) -> Any:
+        def wrapper(*args: Any, **kw: Any) -> Any:
+            if real(*args, *kw.values()):
+                calls.append(name)
+            return fn(*args, **kw)
+        return wrapper
+
+    def module_real(*args: Any) -> bool:
+        m = args[-1]  # _init_weights(self, module), reset_parameters(self)
+        return any(not p.is_meta for p in m.parameters(recurse=False))
+
+    hf = transformers.LlamaForCausalLM
+    monkeypatch.setattr(hf, "_init_weights", counted("_init_weights", hf._init_weights, module_real))
+    for cls in (nn.Linear, nn.Embedding, transformers.models.llama.modeling_llama.LlamaRMSNorm):
+        if hasattr(cls, "reset_parameters"):
+            monkeypatch.setattr(cls, "reset_parameters", counted(f"{cls.__name__}.reset_parameters", cls.reset_parameters, module_real))
+    for fn in ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_"):
+        monkeypatch.setattr(nn.init, fn, counted(f"init.{fn}", getattr(nn.init, fn), lambda *a: not next(t for t in a if torch.is_tensor(t)).is_meta))
+    return calls
+
+
+def test_no_initialiser_runs_when_weights_fill_every_parameter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setup from files spends no time on random init: the arenas are written once, from the files."""
+    hf = save_llama(tmp_path / "hf")
+    model = HFModule()
+    model.configure_model()  # built on the meta device (HF's post_init runs there, on no memory)
+    calls = _count_inits(monkeypatch)
+    start = start_of(model, strategy(hf))
+    assert calls == []
+    for name, value in file_tensors(hf).items():
+        assert torch.equal(start.params[f"model.{name}"], value), name
+    # the counter sees initialisers that do run: the same model without weights is initialised
+    fresh = HFModule()
+    fresh.configure_model()
+    start_of(fresh, MegaTrainStrategy(fused_optimizer=False))
+    assert "_init_weights" in calls
+
+
 def test_a_meta_hf_model_without_weights_runs_init_weights() -> None:
     start = start_of(HFModule(), MegaTrainStrategy(fused_optimizer=False))
     torch.manual_seed(0)
@@ -501,3 +544,37 @@ def test_a_custom_module_inside_a_meta_hf_model_uses_its_reset_parameters() -> N
 
     start = start_of(WithScale(), MegaTrainStrategy(fused_optimizer=False))
     assert torch.equal(start.params["model.model.scale.gain"], torch.ones(32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fast_streamed_copies_written_from_the_files_equal_casting_the_masters(tmp_path: Path, dtype: torch.dtype) -> None:
+    """Setup writes a "fast" unit's bf16 copy from the same read that fills its fp32 masters (no second pass
+    over the masters); it is what casting the masters gives. fp64 files (rounded into fp32 masters) are
+    cast from the masters instead: rounding twice could differ."""
+    from lightning_megatrain.engine import Runtime, RuntimeConfig
+    from lightning_megatrain.weights import _Filler, weights_materializer
+
+    hf = save_llama(tmp_path / "hf", dtype=dtype)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(llama_config())
+    materialize, files = weights_materializer(model, hf)
+    wrote: list[bool] = []
+    into = _Filler.into
+
+    def counted(self: Any, out: torch.Tensor, cast: torch.Tensor) -> bool:
+        wrote.append(into(self, out, cast))
+        return wrote[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_Filler, "into", counted)
+        runtime = Runtime(model, torch.device("cpu"), torch.bfloat16, RuntimeConfig(host_memory="fast", materialize=materialize))
+    files.close()
+    try:
+        casts = [(u, e) for u in runtime.units for e in u._cast]
+        assert casts and len(wrote) == len(casts) and all(wrote) == (dtype != torch.float64)
+        for unit, e in casts:
+            assert torch.equal(unit.param_view(unit.compute, e), unit.store_view(e).to(torch.bfloat16)), e.name
+        for name, value in file_tensors(hf).items():
+            assert torch.equal(model.get_parameter(name), value.float()), name
+    finally:
+        runtime.detach()

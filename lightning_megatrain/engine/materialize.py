@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 Fill = Callable[[torch.Tensor], None]  # writes a tensor's values into the (arena) tensor it is given
+# A fill may also have ``into(out, cast) -> bool``: write ``out`` and the parameter's streamed copy
+# ``cast`` (its compute dtype) from the same source read, True if it did (a weights file: ``weights.py``).
 BufferKey = tuple[int, str]  # (id of the module, buffer name)
 
 PEFT_INITS = (True, False, "gaussian")  # adapter inits that need nothing but the adapter itself
@@ -146,9 +148,15 @@ class Materializer:
             )
 
     # ----------------------------------------------------------------- filling one unit
-    def fill(self, entries: list[Any], store_view: Callable[[Any], torch.Tensor]) -> None:
+    def fill(
+        self, entries: list[Any], store_view: Callable[[Any], torch.Tensor],
+        cast_view: Callable[[Any], torch.Tensor | None] = lambda e: None,
+    ) -> set[int]:
         """Fill one unit's parameters, already bound to their arena views: initialisers first (a module's
-        initialiser may write a parameter a source then overwrites), then the sources."""
+        initialiser may write a parameter a source then overwrites), then the sources. A source that can
+        also writes the parameter's streamed copy (``cast_view``) in the same pass; returns the ids of
+        the entries whose copy it wrote (the unit need not cast those from the masters again)."""
+        cast: set[int] = set()
         todo = [e for e in entries if id(e.param) in self._meta and id(e.param) not in self.sources]
         with torch.no_grad():
             for e in todo:
@@ -166,7 +174,12 @@ class Materializer:
                     self._keep_bound(m, entries, store_view)
             for e in entries:
                 source = self.sources.get(id(e.param))
-                if source is not None:
+                if source is None:
+                    continue
+                copy, into = cast_view(e), getattr(source, "into", None)
+                if copy is not None and into is not None and into(store_view(e), copy):
+                    cast.add(id(e))
+                else:
                     source(store_view(e))
         unset = [e.name for e in todo if e.param.is_floating_point() and bool(torch.isnan(e.param).any())]
         if unset:
@@ -175,6 +188,7 @@ class Materializer:
                 f"initialiser: {', '.join(unset[:8])}{' ...' if len(unset) > 8 else ''} (values left unset). Give "
                 "them values from files (MegaTrainStrategy(weights=...)) or initialise them in reset_parameters()."
             )
+        return cast
 
     @staticmethod
     def _keep_bound(m: nn.Module, entries: list[Any], store_view: Callable[[Any], torch.Tensor]) -> None:

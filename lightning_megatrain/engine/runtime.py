@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from .attach import build_units, check_module, guard, move_buffers, unguard
 from .config import RuntimeConfig, Stats
 from .grad_link import GradLink
+from .host import PINS, page_locks
 from .host_step import HostStep
 from .layers import find_layers
 from .materialize import Materializer
@@ -67,7 +68,8 @@ class Runtime:
         coll = config.collective
         self.place: Whole | NodeShards = Whole(self.streams, self.device, self._stats) if coll is None else NodeShards(coll, self.streams, self.device, self._stats)
         self.place.plans_checked()
-        pin = config.pin_memory and self.device.type == "cuda"
+        pin = config.pin_memory and page_locks(self.device)
+        PINS.begin()  # what fails to page-lock during setup is warned about once, at its end
         threads = config.host_threads
         self.worker = Worker(threads=threads if threads is not None else self.place.host_threads(default_host_threads() + 1))
         self.units: list[Unit] = []
@@ -103,6 +105,8 @@ class Runtime:
         except BaseException:
             self.detach()
             raise
+        finally:
+            PINS.end_setup()
         self._guarded = guard(module, self.wait)
 
     # ----------------------------------------------------------------- what the glue and telemetry read

@@ -157,7 +157,9 @@ class Unit:
         layout = [(mnumel, torch.float32), (self.gnumel, torch.float32), (max(nbytes, image_bytes or 0), torch.uint8)]
         if staging:
             layout.append((self.gnumel, compute_dtype))
-        self.arena = HostArena(layout, pin=pin, shared=shared)
+        # page-locked: what crosses PCIe, the image (fp32 masters when they are streamed, "compact") and
+        # the staging gradients land in; not the fp32 gradients nor masters only the host reads
+        self.arena = HostArena(layout, pin=([2, 3] if staging else [2]) if pin else False, shared=shared)
         # data parallel: the element range of each entry this rank owns (id(entry) -> (a, b)); the
         # rank re-casts only those (other ranks write the rest of the shared image)
         self.own: dict[int, tuple[int, int]] | None = None
@@ -172,12 +174,13 @@ class Unit:
                 if fill and not (materialize is not None and materialize.fills(e.param)):
                     view.copy_(e.param.data)
                 bind_storage(e.param, view)  # the old storage is freed here, one unit at a time
+            cast: set[int] = set()
             if fill and materialize is not None:
-                materialize.fill(entries, self.store_view)
+                cast = materialize.fill(entries, self.store_view, self._cast_view)
         self._synced: dict[int, int] = {}
         self._synced_raw = -1
         if fill:
-            self.refresh_compute()
+            self.refresh_compute(done=cast)  # the streamed copies a weights file wrote as it filled the masters
         else:  # the image was cast by the rank that filled it
             self._synced = {id(e): e.param._version for e in self._cast}
             self._synced_raw = self.compute._version
@@ -187,6 +190,10 @@ class Unit:
         if e.soffset is not None:
             return self.master[e.soffset : e.soffset + e.numel].view(e.shape)
         return self.param_view(self.compute, e)
+
+    def _cast_view(self, e: Entry) -> torch.Tensor | None:
+        """The streamed copy of a parameter stored in fp32 and streamed in the compute dtype, else None."""
+        return self.param_view(self.compute, e) if e.soffset is not None else None
 
     def holds(self, t: torch.Tensor) -> bool:
         """Whether ``t``'s memory is in this unit's arena (its masters or its image)."""
