@@ -334,9 +334,10 @@ def plan_memory(
 ) -> MemoryPlan:
     """The plan for streaming ``layers`` of ``module``; a public function so users can call it before a long load.
 
-    With ``batch_tokens`` (tokens per micro-batch) the device part includes the saved layer inputs
-    (``layers x tokens x hidden`` in the compute dtype) and an estimate of one layer's working set
-    (``~16 x tokens x hidden`` activations plus the layer's weight gradients). ``hidden_size`` is read
+    The device part includes an estimate of one layer's working set: its weight gradients in the
+    streamed dtype and autocast's casts of weights streamed in another dtype; with ``batch_tokens``
+    (tokens per micro-batch) also ``~16 x tokens x hidden`` activations in it, and the saved layer inputs
+    (``layers x tokens x hidden`` in the compute dtype). ``hidden_size`` is read
     from an HF config or the first layer's first ``nn.Linear`` when not given. ``host_memory`` is a
     mode as for :class:`~lightning_megatrain.MegaTrainStrategy`: ``"auto"`` (the default, as there) is
     resolved by :func:`choose_host_memory` for ``device``, ``compute_dtype`` and ``batch_tokens``.

@@ -70,7 +70,7 @@ class MegaTrainStrategy(ParallelStrategy):
             forward and backward, copied out on the D2H stream and prefetched back one layer ahead of its
             backward: for long sequences, where the saved inputs rather than the weights fill the GPU.
         plan_batch_tokens: tokens per micro-batch, so the memory plan includes the saved layer inputs and
-            one layer's working set on the device (otherwise it covers weights, gradients and buffers only).
+            the activations of one layer's working set on the device (otherwise only its weights' share).
         checkpoint_format: ``"sharded"`` writes a directory of safetensors shards streamed from host memory
             (see :mod:`lightning_megatrain.checkpoint`); ``"single_file"`` is Lightning's usual ``torch.save``.
         checkpoint_shard_bytes: the largest shard file of a sharded checkpoint.

@@ -53,7 +53,7 @@ def main(mode: str, ckpt_dir: str, size: str = "smol") -> None:
     data = torch.utils.data.DataLoader(torch.randint(0, cfg.vocab_size, (6, 64)), batch_size=2)
     trainer = L.Trainer(
         strategy=lightning_megatrain.MegaTrainStrategy(host_memory=mode), precision="bf16-mixed", max_steps=3,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, devices=1, default_root_dir=ckpt_dir,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=ckpt_dir,
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1)],
     )
     trainer.fit(model, data)

@@ -316,6 +316,32 @@ def test_manual_optimization_several_steps_in_one_training_step_hold_one_device_
     assert mega.copies and set(mega.copies) == {1}, mega.copies
 
 
+class BackwardAfterStep(BlockLM):
+    """Two graphs, a step between their backwards: plain PyTorch refuses the second backward where the
+    step bumps the weights' versions (the for-loop AdamW: "modified by an inplace operation"; the fused
+    kernel updates in place without a bump and the backward silently mixes old activations with new
+    weights). megatrain refuses it: it must not compute with a device copy the host is overwriting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        first, second = self.loss(batch), self.loss(batch)
+        self.manual_backward(first)
+        opt.step()
+        opt.zero_grad()
+        self.manual_backward(second)
+
+
+def test_manual_optimization_backward_of_a_graph_from_before_a_step_is_refused() -> None:
+    from models import trainer
+
+    with pytest.raises(RuntimeError, match="from before an optimizer step of the same training_step"):
+        trainer("megatrain", max_steps=2).fit(BackwardAfterStep(), data())
+
+
 def test_manual_optimization_loss_over_two_forwards() -> None:
     plain, mega = fit_pair(TwoBindings, max_steps=6)
     assert len(mega.losses) == 3  # max_steps counts both opt.step() calls

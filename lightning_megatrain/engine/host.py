@@ -18,11 +18,12 @@ that stay pageable (:data:`PINS`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import torch
@@ -133,6 +134,34 @@ def page_locks(device: torch.device) -> bool:
 
 
 PinSpec = Union[bool, Sequence[int]]
+
+
+def mapped(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat tensor in a private anonymous mapping of its own, unmapped when the last view of it goes."""
+    if numel == 0:
+        return torch.empty(0, dtype=dtype)
+    size = torch.empty((), dtype=dtype).element_size()
+    buf = mmap.mmap(-1, numel * size, flags=mmap.MAP_PRIVATE)  # private: transparent huge pages, no sharing on fork
+    return torch.frombuffer(buf, dtype=dtype, count=numel)  # keeps ``buf`` alive while a view lives
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows)
+        return None
+
+
+def give_back_heap() -> None:
+    """Return malloc's free heap memory to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Hand-written through ctypes: neither torch nor psutil exposes it, and glibc keeps freed blocks
+    below its top and up to 64 MiB at the top in the process. Under a preloaded allocator (jemalloc,
+    tcmalloc) glibc's heap holds nothing and this does nothing."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class HostArena:

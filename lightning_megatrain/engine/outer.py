@@ -40,7 +40,7 @@ class OuterCopy:
     leaves: list[nn.Parameter] | None = None  # bound leaves, valid while ``issued`` matches the unit
     bindings: list[list[nn.Parameter]] = field(default_factory=list)  # leaves bound this step
     fired: set[int] = field(default_factory=set)  # leaves whose gradient is final in this backward
-    flushed: bool = False  # every binding's gradients went home since the last bind: no graph reads ``dev``
+    flushed: bool = False  # gradients were sent home since the last bind (the step's backward ran)
 
 
 def check_trainable(unit: Unit, grads: bool) -> None:
@@ -53,6 +53,15 @@ def check_trainable(unit: Unit, grads: bool) -> None:
                 f"parameter {e.name!r} changed requires_grad after megatrain set up its host memory. Freeze or "
                 "unfreeze parameters before trainer.fit (e.g. in configure_model or __init__)."
             )
+
+
+def _retired(grad: torch.Tensor) -> None:
+    raise RuntimeError(
+        "megatrain: a backward reached parameters from before an optimizer step of the same training_step: "
+        "its graph was built before opt.step() changed the weights (plain PyTorch refuses this too: a variable "
+        "needed for gradient computation was modified in place). Call manual_backward before opt.step(), or "
+        "build the graph again after it."
+    )
 
 
 class OuterParams:
@@ -225,13 +234,22 @@ class OuterParams:
         for outer in self.copies.values():
             outer.issued = None
             if self.depth and outer.bindings and outer.dev is not None:
-                # a step inside training_step (manual optimization): a graph of this step not yet
-                # backwarded may still read the current device copy, so the next one goes to a fresh
-                # buffer; once every binding's gradients went home, the copy is reused (k steps in one
-                # training_step hold one copy, not k + 1), after the kernels reading it (``issue``)
-                if not outer.flushed:
+                # a step inside training_step (manual optimization). Before any backward (a loss over
+                # forwards on both sides of the step), the graph reads the current device copy: the next
+                # one goes to a fresh buffer. After a backward, the copy is reused, so k rounds of
+                # forward, backward and step in one training_step hold one copy, not k + 1: the next copy
+                # into it waits for the kernels queued so far (``free``, waited for in ``issue``), and a
+                # graph built before the step whose backward comes after it, which plain PyTorch refuses
+                # too (the step changed its weights in place), is refused at its first gradient here
+                if outer.flushed:
+                    outer.free.record(self.streams.compute())
+                    for leaves in outer.bindings:
+                        for leaf in leaves:
+                            if leaf.requires_grad:
+                                leaf.register_hook(_retired)
+                    outer.bindings = []
+                else:
                     outer.dev = torch.empty_like(outer.dev)
-                outer.bindings = [] if outer.flushed else outer.bindings
                 outer.leaves = None
 
     def updated(self, unit: Unit) -> None:

@@ -13,7 +13,8 @@ parameters, which gives the same update because torch's optimizers update each p
 Hand-written rather than a torch feature: torch optimizers keep state in the parameter's dtype, and
 ``Optimizer.load_state_dict`` casts loaded state to it, so the narrowing is re-applied after a load.
 
-The bf16 state lives in anonymous memory mappings of its exact size (one per narrowing, a unit's worth),
+The bf16 state lives in anonymous memory mappings of its exact size (one per narrowing: a chunk's worth,
+or the whole optimizer's after a load),
 not in malloc's heap: the first step creates each parameter's state in fp32 and frees it once rounded;
 had the long-lived bf16 tensors been placed in the heap between those freed blocks, every layer's fp32
 state would have left a hole the next, larger request could not reuse (measured: lean's peak RSS 1.17x
@@ -24,12 +25,12 @@ way and the fp32 blocks of one layer are reused by the next.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import mmap
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch.optim import Optimizer
+
+from .host import give_back_heap, mapped
 
 HELD_DTYPE = torch.bfloat16
 
@@ -44,24 +45,6 @@ def _narrowable(value: object, param: torch.Tensor) -> bool:
         and value.shape == param.shape
         and value.dim() > 0
     )
-
-
-def mapped(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A flat tensor in an anonymous mapping of its own, unmapped when the last view of it goes."""
-    size = torch.empty((), dtype=dtype).element_size()
-    buf = mmap.mmap(-1, max(numel * size, 1))
-    return torch.frombuffer(buf, dtype=dtype, count=numel)  # keeps ``buf`` alive while a view lives
-
-
-def give_back_heap() -> None:
-    """Return malloc's free heap memory to the system (glibc's ``malloc_trim``; elsewhere nothing).
-
-    Hand-written through ctypes: neither torch nor psutil exposes it, and glibc keeps freed blocks
-    below its top and up to 64 MiB at the top in the process."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 class LeanState:
