@@ -22,7 +22,19 @@ def _vm(key: str) -> int:
     raise OSError(f"/proc/self/status has no {key}")
 
 
-def main(mode: str, ckpt_dir: str, size: str = "smol") -> None:
+def config(size: str) -> Any:
+    import transformers
+
+    shape = {"smol": (576, 1536, 30, 9, 3), "tiny": (64, 128, 2, 4, 2)}[size]
+    return transformers.LlamaConfig(
+        vocab_size=2048 if size == "smol" else 256, hidden_size=shape[0], intermediate_size=shape[1], num_hidden_layers=shape[2],
+        num_attention_heads=shape[3], num_key_value_heads=shape[4], tie_word_embeddings=True,
+    )
+
+
+def main(mode: str, ckpt_dir: str, size: str = "smol", weights: str = "") -> None:
+    """``weights``: a ``save_pretrained`` directory of the model; then it is built on the meta device and
+    filled from the files at setup (``MegaTrainStrategy(weights=...)``)."""
     import lightning as L
     import torch
     import transformers
@@ -31,16 +43,18 @@ def main(mode: str, ckpt_dir: str, size: str = "smol") -> None:
     import lightning_megatrain
 
     base = _vm("VmRSS")
-    shape = {"smol": (576, 1536, 30, 9, 3), "tiny": (64, 128, 2, 4, 2)}[size]
-    cfg = transformers.LlamaConfig(
-        vocab_size=2048 if size == "smol" else 256, hidden_size=shape[0], intermediate_size=shape[1], num_hidden_layers=shape[2],
-        num_attention_heads=shape[3], num_key_value_heads=shape[4], tie_word_embeddings=True,
-    )
+    cfg = config(size)
 
     class LM(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = transformers.LlamaForCausalLM(cfg)
+            if not weights:
+                self.model = transformers.LlamaForCausalLM(cfg)
+
+        def configure_model(self) -> None:
+            if weights and not hasattr(self, "model"):
+                with torch.device("meta"):
+                    self.model = transformers.LlamaForCausalLM(cfg)
 
         def training_step(self, batch: Any, batch_idx: int) -> Any:
             return self.model(input_ids=batch, labels=batch, use_cache=False).loss
@@ -52,7 +66,7 @@ def main(mode: str, ckpt_dir: str, size: str = "smol") -> None:
     model = LM()
     data = torch.utils.data.DataLoader(torch.randint(0, cfg.vocab_size, (6, 64)), batch_size=2)
     trainer = L.Trainer(
-        strategy=lightning_megatrain.MegaTrainStrategy(host_memory=mode), precision="bf16-mixed", max_steps=3,
+        strategy=lightning_megatrain.MegaTrainStrategy(host_memory=mode, weights=weights or None), precision="bf16-mixed", max_steps=3,
         logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=ckpt_dir,
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1)],
     )

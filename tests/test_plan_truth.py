@@ -27,12 +27,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _fit(mode: str, size: str, tmp: Path) -> dict[str, Any]:
+def _fit(mode: str, size: str, tmp: Path, weights: str = "") -> dict[str, Any]:
     # the same process on every machine: CPU, two intra-op threads, glibc's malloc as configured by default
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("MALLOC_")}
     env.update(PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", CUDA_VISIBLE_DEVICES="")
-    out = subprocess.run([sys.executable, str(WORKER), mode, str(tmp), size], capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run([sys.executable, str(WORKER), mode, str(tmp), size, weights], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["saved"], "the fit saved no checkpoint, so the save was not measured"
@@ -46,9 +46,25 @@ def fixed_cost(tmp_path_factory: pytest.TempPathFactory) -> int:
     return r["grew"] - r["plan_device"] - r["plan_host"]
 
 
-@pytest.mark.parametrize("mode", ["fast", "compact", "lean"])
-def test_peak_rss_of_a_fit_is_within_the_plan(mode: str, tmp_path: Path, fixed_cost: int) -> None:
-    r = _fit(mode, "smol", tmp_path)
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The model saved in bf16 with ``save_pretrained``, for the fits that load it with ``weights=``."""
+    import torch
+    import transformers
+
+    from plan_truth_worker import config
+
+    out = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config("smol")).to(torch.bfloat16).save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("mode, load", [("fast", False), ("compact", False), ("lean", False), ("fast", True), ("lean", True)],
+                         ids=["fast", "compact", "lean", "fast-meta-weights", "lean-meta-weights"])
+def test_peak_rss_of_a_fit_is_within_the_plan(mode: str, load: bool, tmp_path: Path, fixed_cost: int, request: pytest.FixtureRequest) -> None:
+    """``load``: built on the meta device and filled from a bf16 ``save_pretrained`` directory at setup."""
+    r = _fit(mode, "smol", tmp_path / "ckpt", request.getfixturevalue("pretrained") if load else "")
     assert r["params"] > 100e6
     assert 0 < fixed_cost < 0.15 * r["plan_host"], f"a tiny fit grew by {fixed_cost / 2**20:.0f} MiB"
     ratio = (r["grew"] - fixed_cost - r["plan_device"]) / r["plan_host"]
