@@ -303,7 +303,7 @@ class ManualQuiet(Quiet):
 
 def test_prefetch_never_holds_a_layer_back_for_the_next_layers_host_update(monkeypatch: pytest.MonkeyPatch) -> None:
     """The forward's prefetch of layer 1 must not wait for layer 1's host update before layer 0 runs: a
-    gate holds that update until layer 0's forward has run (and gives up after 5 s, which fails). BlockLM
+    gate holds that update until layer 0's forward has run (and gives up after 20 s, which fails). BlockLM
     reads gradients before the step, so the updates run after backward in forward order (layer 0's
     before layer 1's) while the next forward goes on."""
     import threading
@@ -316,7 +316,7 @@ def test_prefetch_never_holds_a_layer_back_for_the_next_layers_host_update(monke
 
     def gate(self: Any, unit: Any, *args: Any, **kwargs: Any) -> None:
         if unit.index == 2 and len(gated) < 2:  # layer 1's updates after steps 0 and 1: a forward follows each
-            gated.append(forwards[len(gated) + 1].wait(5.0))  # that next step's layer 0
+            gated.append(forwards[len(gated) + 1].wait(20.0))  # that next step's layer 0
         real(self, unit, *args, **kwargs)
 
     class Gate(L.Callback):
