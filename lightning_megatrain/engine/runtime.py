@@ -93,7 +93,7 @@ class Runtime:
             )
             self.streamer = LayerStreamer(
                 self.layer_units, self.place, self.streams, self.link, self.saved, self.host.wait_ticket,
-                config.prefetch, after_last=self.outer.bind_output_if_pending, ticket_done=self.host.ticket_done,
+                self.host.ticket_done, config.prefetch, after_last=self.outer.bind_output_if_pending,
             )
             for layer, unit in zip(self.layers, self.layer_units):
                 self.streamer.wrap(layer, unit)

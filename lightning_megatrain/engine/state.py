@@ -14,8 +14,7 @@ Hand-written rather than a torch feature: torch optimizers keep state in the par
 ``Optimizer.load_state_dict`` casts loaded state to it, so the narrowing is re-applied after a load.
 
 The bf16 state lives in anonymous memory mappings of its exact size (one per narrowing: a chunk's worth,
-or the whole optimizer's after a load),
-not in malloc's heap: the first step creates each parameter's state in fp32 and frees it once rounded;
+or the whole optimizer's after a load), not in malloc's heap: the first step creates each parameter's state in fp32 and frees it once rounded;
 had the long-lived bf16 tensors been placed in the heap between those freed blocks, every layer's fp32
 state would have left a hole the next, larger request could not reuse (measured: lean's peak RSS 1.17x
 its plan on an 88M-parameter Llama, benchmarks/host_memory.py). Mapped, the bf16 state stays out of the

@@ -27,8 +27,7 @@ class LayerStreamer:
 
     def __init__(
         self, layer_units: list[Unit], place: Any, streams: Streams, link: GradLink, saved: SavedInputs,
-        wait_ticket: Callable[[int], None], prefetch: int, after_last: Callable[[], None],
-        ticket_done: Callable[[int], bool] = lambda ticket: True,
+        wait_ticket: Callable[[int], None], ticket_done: Callable[[int], bool], prefetch: int, after_last: Callable[[], None],
     ) -> None:
         self.layer_units = layer_units
         self.place, self.streams, self.link, self.saved = place, streams, link, saved
