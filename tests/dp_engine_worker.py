@@ -193,6 +193,13 @@ def main() -> None:
         run(coll, scenario, steps=1 if scenario in ("bf16", "lora") else 4)
     dist.barrier()
     dist.destroy_process_group()
+    # Every check above has passed and printed. At interpreter exit, a torch C++ thread is sometimes
+    # still joinable when its owner is destroyed ("terminate called without an active exception",
+    # SIGABRT; ~1 run in 4 under load, also before issue 24's changes, with no Python frame left):
+    # leave without running the static destructors, so the test judges the checks, not torch's exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
